@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny VAE folder built from a config (no download), small real data, recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from usp.latent.vae import F4_AUTOENCODER_CONFIG, STATS_FILE
+
+TINY_VAE_CONFIG = {**F4_AUTOENCODER_CONFIG, "block_out_channels": [8, 8, 8], "norm_num_groups": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> Path:
+    """A randomly initialised f4 AutoencoderKL saved as a diffusers folder, with its latent stats."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("vae") / "small-f4"
+    AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(str(folder))
+    (folder / STATS_FILE).write_text(json.dumps({"scale": 2.0, "shift": 0.1}))
+    return folder
+
+
+@pytest.fixture
+def fmnist_overrides(tiny_vae_dir, tmp_path) -> list[str]:
+    """Overrides that turn the defaults into a tiny Fashion-MNIST pretraining recipe."""
+    return [
+        "data.source=fashion_mnist", "data.image_size=32", "data.limit=64", "data.num_workers=0",
+        "latent.space=small-f4", f"latent.path={tiny_vae_dir}", "model.name=vit_t_2",
+        f"run.out_dir={tmp_path / 'runs'}", "run.name=test", "train.global_batch=16", "train.max_steps=4",
+        "train.log_every=1", "train.ckpt_every=2", "train.tensorboard=false", "train.progress=false",
+        "optim.warmup_epochs=0.5",
+    ]

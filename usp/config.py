@@ -1,0 +1,309 @@
+"""Typed recipes: YAML files loaded into dataclasses, with dotted `key=value` overrides.
+
+An unknown key or a value of the wrong type is a `ValueError` that names the key and what is
+allowed; invariants are checked once in `Config.validate`. Every run writes its resolved recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("pretrain", "finetune", "probe", "classify", "vae")
+
+
+@dataclass
+class RunConfig:
+    task: str = "pretrain"  # one of TASKS
+    name: str = "run"
+    out_dir: str = "runs"  # the run directory is out_dir/name
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class LatentConfig:
+    space: str = "sd-vae-ft-ema"  # a key of usp.latent.vae.LATENT_SPACES
+    path: str | None = None  # hub id, local diffusers folder or checkpoint; None = the space's default
+    sample_posterior: bool = False  # False: posterior mean, as the official USP pretraining encodes
+    cache: str | None = None  # folder of `usp cache-latents`; None = encode images on the fly
+
+
+@dataclass
+class DataConfig:
+    source: str = "folder"  # folder (ImageNet layout: root/split/class/*.jpg) | fashion_mnist
+    root: str | None = None
+    split: str = "train"
+    eval_split: str = "val"
+    image_size: int = 256
+    crop: str = "random_resized"  # random_resized | adm_center | center
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (MAE / USP pretraining)
+    hflip: bool = True
+    normalize: str = "half"  # half: mean = std = 0.5 (USP); imagenet: ImageNet mean/std (Table 11 ablation)
+    limit: int | None = None  # use only the first N images (tiny recipes, debugging)
+    num_workers: int = 4
+    download: bool = False  # allow torchvision to download Fashion-MNIST when it is not installed
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_b_2"  # a registry key: vit_*, dit_*, sit_*
+    init: str | None = None  # pretrained USP checkpoint to transfer from (finetune/probe/classify)
+    init_blocks: int | None = None  # transfer only the first N blocks
+    pos_interpolation: str = "bicubic"  # bicubic | bilinear, when the position grid is resized
+    num_classes: int = 1000
+    global_pool: bool = True  # classifier: mean of patch tokens (True) or cls token (False)
+    drop_path: float = 0.0
+    class_dropout: float = 0.1  # DiT/SiT label dropout for classifier-free guidance
+    affine_norms: bool = False  # DiT/SiT blocks: True = USP's "VAE-simple" block (receives pretrained norms)
+
+
+@dataclass
+class PretrainConfig:
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True  # per-patch normalised targets
+    noise_ablation: bool = False  # paper appendix A: x_t = sqrt(a) x0 + sqrt(1-a) eps, a ~ U[noise_alpha_min, 1)
+    noise_alpha_min: float = 0.5
+
+
+@dataclass
+class GenerationConfig:
+    method: str = "ddpm"  # ddpm (DiT) | transport (SiT)
+    learn_sigma: bool = True
+    path: str = "linear"  # transport: linear | gvp | vp
+    prediction: str = "velocity"  # transport: velocity | score | noise
+    loss_weight: str | None = None  # transport: None | velocity | likelihood
+    train_eps: float | None = None
+    sample_eps: float | None = None
+    sampler: str = "ddpm"  # ddpm | ddim (method ddpm); ode | sde (method transport)
+    sample_steps: str = "250"  # ddpm/ddim respacing ("250", "ddim50"); ode: "dopri5" or a step count for euler/heun
+    ode_method: str = "dopri5"  # dopri5 | euler | heun
+    cfg_scale: float = 4.0
+    guided_channels: int | None = 3  # public DiT guides the first 3 channels; None = all channels
+    eval_samples: int = 0  # class-balanced samples generated at each train.eval_every (0: only a grid)
+    grid_classes: int = 10  # the sample grid shows this many classes × grid_per_class
+    grid_per_class: int = 4
+    domain_classifier: str | None = None  # domain FD + class agreement at eval (NOT Inception FID)
+
+
+@dataclass
+class VaeConfig:
+    kl_weight: float = 1e-6  # small: a latent space for reconstruction, as LDM's KL-f autoencoders
+    width: int = 96
+    depth: int = 2
+    out: str | None = None  # where the trained VAE folder goes; default <run dir>/vae
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | lars | sgd
+    blr: float | None = 1.5e-4  # base lr: lr = blr * global_batch / 256
+    lr: float | None = None  # absolute lr; overrides blr when set
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    momentum: float = 0.9
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 40.0
+    layer_decay: float | None = None
+    clip_grad: float | None = None
+    fused: bool | None = None  # None: fused AdamW on CUDA, foreach elsewhere
+
+
+@dataclass
+class ClassifyConfig:
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+    randaug: str | None = None  # timm auto-augment string, e.g. rand-m9-mstd0.5-inc1
+    random_erasing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 800.0
+    max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
+    global_batch: int = 4096
+    accum_steps: int = 1
+    amp: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    ema_decay: float | None = None
+    compile: bool = False
+    ckpt_every: int = 1000  # steps
+    keep_last: int = 2
+    log_every: int = 50
+    eval_every: int = 0  # steps; 0 = only at the end (probe/classify)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        _choice("run.task", self.run.task, TASKS)
+        _choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
+        _choice("data.source", self.data.source, ("folder", "fashion_mnist"))
+        _choice("data.crop", self.data.crop, ("random_resized", "adm_center", "center"))
+        _choice("data.normalize", self.data.normalize, ("half", "imagenet"))
+        _choice("model.pos_interpolation", self.model.pos_interpolation, ("bicubic", "bilinear"))
+        _choice("generation.method", self.generation.method, ("ddpm", "transport"))
+        samplers = ("ddpm", "ddim") if self.generation.method == "ddpm" else ("ode", "sde")
+        _choice("generation.sampler", self.generation.sampler, samplers)
+        _choice("generation.ode_method", self.generation.ode_method, ("dopri5", "euler", "heun"))
+        _choice("optim.name", self.optim.name, ("adamw", "lars", "sgd"))
+        _choice("optim.schedule", self.optim.schedule, ("cosine", "constant"))
+        _choice("train.amp", self.train.amp, ("auto", "bf16", "fp16", "fp32"))
+        if not 0.0 <= self.pretrain.mask_ratio < 1.0:
+            raise ValueError(f"pretrain.mask_ratio must be in [0, 1), got {self.pretrain.mask_ratio}")
+        if not 0.0 < self.pretrain.noise_alpha_min <= 1.0:
+            raise ValueError(f"pretrain.noise_alpha_min must be in (0, 1], got {self.pretrain.noise_alpha_min}")
+        if self.train.global_batch < 1 or self.train.accum_steps < 1:
+            raise ValueError("train.global_batch and train.accum_steps must be at least 1")
+        if self.train.global_batch % self.train.accum_steps:
+            raise ValueError(
+                f"train.global_batch={self.train.global_batch} is not divisible by "
+                f"train.accum_steps={self.train.accum_steps}"
+            )
+        if self.optim.lr is None and self.optim.blr is None:
+            raise ValueError("set optim.blr (lr = blr * global_batch / 256) or optim.lr")
+        if self.train.ema_decay is not None and not 0.0 < self.train.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.train.ema_decay}")
+        if self.train.keep_last < 1:
+            raise ValueError("train.keep_last must be at least 1 (the last good checkpoint is never deleted)")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate: absolute `optim.lr`, else blr × global_batch / 256 (MAE's rule)."""
+        if self.optim.lr is not None:
+            return self.optim.lr
+        return self.optim.blr * self.train.global_batch / 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type hint `hint`; return it converted (int→float, list→tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported type {hint} for {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix.rstrip('.')} must be a mapping of {', '.join(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"unknown recipe key {prefix}{key}; allowed under {prefix or 'the top level'}: "
+                             f"{', '.join(names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, prefix + key)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.epochs=5' -> (['train', 'epochs'], 5); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value (e.g. train.epochs=5)")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML recipe (or start from the defaults) and apply dotted overrides, then validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} not found; see configs/ (e.g. configs/fmnist/pretrain.yaml)")
+        values = yaml.safe_load(path.read_text()) or {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {part} is not a section")
+        node[keys[-1]] = value
+    return _build(Config, values, "").validate()
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(config.to_yaml())

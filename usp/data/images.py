@@ -1,0 +1,129 @@
+"""Image datasets and transforms: ImageNet-layout folders and Fashion-MNIST, one item format.
+
+Every dataset returns `{"image": (3, H, W) float in the recipe's normalisation, "label": int}`.
+Per-sample randomness (crops, flips) is drawn from a seed that the sampler hands over with the
+index (see `usp.data.sampler`), so an item does not depend on worker count, rank or resumption.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from usp.data.fashion_mnist import load_fashion_mnist
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".JPEG")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """ADM's centre crop: halve with BOX filtering while the short side is ≥ 2·size, resize with
+    BICUBIC so the short side is `size`, then crop the centre square (what DiT/ADM train and evaluate on)."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    ratio = size / min(image.size)
+    image = image.resize(tuple(round(s * ratio) for s in image.size), resample=Image.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return Image.fromarray(array[top : top + size, left : left + size])
+
+
+def build_transform(image_size: int, crop: str, crop_scale: tuple[float, float] = (0.2, 1.0),
+                    hflip: bool = True, normalize: str = "half") -> T.Compose:
+    """crop: random_resized (MAE/USP pretraining), adm_center (DiT fine-tuning), center (evaluation)."""
+    if crop == "random_resized":
+        steps = [T.RandomResizedCrop(image_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC)]
+    elif crop == "adm_center":
+        steps = [T.Lambda(lambda im: adm_center_crop(im, image_size))]
+    elif crop == "center":
+        steps = [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
+    else:
+        raise ValueError(f"unknown crop {crop!r}; choose random_resized, adm_center or center")
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
+    mean, std = ((0.5,) * 3, (0.5,) * 3) if normalize == "half" else (IMAGENET_MEAN, IMAGENET_STD)
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+class ImageFolderDataset(Dataset):
+    """root/class_name/*.jpg (ImageNet layout: point `root` at the split folder, e.g. .../train)."""
+
+    def __init__(self, root: str | os.PathLike, transform=None, limit: int | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data folder {root} does not exist; set data.root to a folder of class folders")
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        if not classes:
+            raise ValueError(f"data folder {root} has no class sub-folders; expected root/<class>/<image>.jpg")
+        self.classes = classes
+        self.samples = [
+            (path, label)
+            for label, name in enumerate(classes)
+            for path in sorted((root / name).rglob("*"))
+            if path.suffix in IMAGE_EXTENSIONS or path.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not self.samples:
+            raise ValueError(f"data folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ...)")
+        if limit is not None:
+            self.samples = self.samples[:limit]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Image.Image:
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except Exception as err:  # PIL raises several types for broken files
+            raise ValueError(f"cannot read image {path}: {err}; remove or replace the file") from err
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.load(index)
+        return {"image": self.transform(image) if self.transform else image, "label": self.samples[index][1]}
+
+
+class FashionMNISTDataset(Dataset):
+    """Fashion-MNIST as 32×32 RGB PIL images (28×28 grey, padded by 2 px of black), then the transform."""
+
+    def __init__(self, root: str | None = None, split: str = "train", transform=None,
+                 limit: int | None = None, download: bool = False):
+        images, labels = load_fashion_mnist(root, "test" if split in ("test", "val") else "train", download)
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        self.images = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+        self.labels = labels
+        self.classes = list(range(10))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index]).convert("RGB")
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.load(index)
+        return {"image": self.transform(image) if self.transform else image, "label": int(self.labels[index])}
+
+
+def build_image_dataset(source: str, root: str | None, split: str, transform=None,
+                        limit: int | None = None, download: bool = False) -> Dataset:
+    if source == "fashion_mnist":
+        return FashionMNISTDataset(root, split, transform, limit, download)
+    if root is None:
+        raise ValueError("data.root is not set; point it at an ImageNet-layout folder (root/<split>/<class>/*.jpg)")
+    return ImageFolderDataset(Path(root) / split, transform, limit)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounding as ADM/DiT do."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

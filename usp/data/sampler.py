@@ -1,0 +1,66 @@
+"""A resumable, rank-sharded sampler that hands each item its own seed.
+
+Each element is `(index, seed)`: the seed is a function of (run seed, epoch, index) only, so the
+randomness of an item (crop, flip, mask, noise) does not depend on the batch size, the number of
+processes, the worker count or where a run was resumed. `SeededDataset` applies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    # Any injective-enough mix below 2**63; epochs and datasets are far below these strides.
+    return (seed * 1_000_003 + epoch) * 4_294_967_291 + index
+
+
+class ResumableSampler(Sampler):
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        self.size, self.seed, self.rank, self.world_size, self.shuffle = size, seed, rank, world_size, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate `epoch` from this rank's `start`-th item on (for resuming mid-epoch)."""
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        return torch.randperm(self.size, generator=generator)
+
+    def __len__(self) -> int:
+        return self.size // self.world_size - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        usable = self.size // self.world_size * self.world_size  # equal shards: drop the remainder
+        # Interleaved shards: global batch b holds items [b·G, (b+1)·G) of the order, whatever the world size.
+        shard = self.order(self.epoch)[:usable][self.rank :: self.world_size]
+        for index in shard[self.start :].tolist():
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset of dicts; item `(index, seed)` runs the base item and `extras()` under `seed`.
+
+    `extras` is a task's per-sample randomness (mask noise, diffusion time, ...) returning a dict.
+    """
+
+    def __init__(self, base: Dataset, extras: Callable[[], dict] | None = None):
+        self.base, self.extras = base, extras
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            sample = dict(self.base[index])
+            if self.extras is not None:
+                sample.update(self.extras())
+        return sample

@@ -1,0 +1,194 @@
+"""`usp demo`: the whole method on Fashion-MNIST on one CPU, with the recipes a user runs on ImageNet.
+
+Stages (each skipped when its result file exists, so an interrupted demo resumes):
+  vae       train the small f4 VAE (its test PSNR)            usp train-vae configs/fmnist/vae.yaml
+  cache     latent moments of train/test (+ flips)            usp cache-latents ...
+  domain    the domain classifier for FD / class agreement    (not Inception FID)
+  pretrain  USP masked latent modeling + restoration grid      usp pretrain configs/fmnist/pretrain.yaml
+  generate  DiT and SiT, from USP and from scratch, same budget and seed, sampled and scored at checkpoints
+  probe     frozen-feature probe: USP vs random init vs raw pixels
+  report    report.md with tables, curves and grids
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from usp.config import Config, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fmnist"
+GENERATORS = ("dit_usp", "dit_scratch", "sit_usp", "sit_scratch")
+
+# Budgets: (full, quick). The quick run checks the plumbing end to end; its numbers mean little.
+BUDGET = {
+    "vae_steps": (900, 15),
+    "pretrain_steps": (1200, 10),
+    "finetune_steps": (1500, 8),
+    "eval_every": (300, 4),
+    "eval_samples": (1000, 50),
+    "domain_epochs": (2, 1),
+    "probe_train": (10000, 500),
+}
+
+
+class Demo:
+    def __init__(self, out: Path, quick: bool, seed: int):
+        self.out, self.quick, self.seed = out, quick, seed
+        self.runs, self.latents = out / "runs", out / "latents"
+        self.stage_dir = out / "stages"
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+
+    def budget(self, key: str) -> int:
+        return BUDGET[key][1 if self.quick else 0]
+
+    def recipe(self, name: str, *overrides: str) -> Config:
+        common = [f"run.out_dir={self.runs}", f"run.seed={self.seed}", "train.progress=false",
+                  "train.tensorboard=false", "data.num_workers=0"]
+        return load_config(CONFIGS / f"{name}.yaml", [*common, *overrides])
+
+    def stage(self, name: str, fn) -> dict:
+        """Run `fn` unless its result exists; record the wall time."""
+        path = self.stage_dir / f"{name}.json"
+        if path.exists():
+            print(f"[demo] {name}: done earlier, skipped")
+            return json.loads(path.read_text())
+        print(f"[demo] {name} ...", flush=True)
+        start = time.perf_counter()
+        result = fn()
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"[demo] {name}: {result['seconds']} s", flush=True)
+        return result
+
+    # ---- stages -------------------------------------------------------------------------------
+
+    def vae(self) -> dict:
+        from usp.train.engine import train
+        from usp.train.tasks import build_task
+
+        config = self.recipe("vae", f"train.max_steps={self.budget('vae_steps')}", f"vae.out={self.vae_dir}")
+        train(config, build_task(config), resume="auto")
+        stats = json.loads((self.vae_dir / "latent_stats.json").read_text())
+        return {"psnr_test": stats["psnr_test"], "scale": stats["scale"], "steps": config.train.max_steps}
+
+    @property
+    def vae_dir(self) -> Path:
+        return self.out / "vae"
+
+    def latent_overrides(self) -> list[str]:
+        return [f"latent.path={self.vae_dir}", f"latent.cache={self.latents}"]
+
+    def cache(self) -> dict:
+        from usp.data.images import build_image_dataset, build_transform
+        from usp.latent.cache import build_cache
+        from usp.latent.vae import LatentSpace
+
+        latent = LatentSpace.load("small-f4", str(self.vae_dir))
+        transform = build_transform(32, "center", hflip=False)
+        counts = {}
+        for split in ("train", "test"):
+            dataset = build_image_dataset("fashion_mnist", None, split, transform)
+            build_cache(dataset, latent, 32, self.latents, split, batch_size=500, progress=False)
+            counts[split] = len(dataset)
+        return counts
+
+    def domain(self) -> dict:
+        from usp.evaluate.domain import train_domain_classifier
+
+        _, accuracy = train_domain_classifier(self.out / "domain.safetensors", epochs=self.budget("domain_epochs"),
+                                              seed=self.seed, limit=5000 if self.quick else None)
+        return {"test_accuracy": accuracy}
+
+    def pretrain(self) -> dict:
+        from usp.reconstruct import reconstruct_grid
+        from usp.train.checkpoint import latest_weights
+        from usp.train.engine import train
+        from usp.train.tasks import build_task
+
+        config = self.recipe("pretrain", *self.latent_overrides(), f"train.max_steps={self.budget('pretrain_steps')}")
+        train(config, build_task(config), resume="auto")
+        weights = latest_weights(config.run_dir / "checkpoints")
+        reconstruct_grid(weights, self.out / "restoration.png", num_images=10, overrides=[f"latent.path={self.vae_dir}"])
+        history = _history(config.run_dir)
+        return {"weights": str(weights), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
+                "steps": config.train.max_steps}
+
+    def generate(self, name: str, usp_weights: str) -> dict:
+        from usp.train.engine import train
+        from usp.train.tasks import build_task
+
+        overrides = [*self.latent_overrides(), f"train.max_steps={self.budget('finetune_steps')}",
+                     f"train.eval_every={self.budget('eval_every')}",
+                     f"generation.eval_samples={self.budget('eval_samples')}",
+                     f"generation.domain_classifier={self.out / 'domain.safetensors'}"]
+        if name.endswith("usp"):
+            overrides.append(f"model.init={usp_weights}")
+        config = self.recipe(name, *overrides)
+        train(config, build_task(config), resume="auto")
+        evals = _evals(config.run_dir)
+        return {"run_dir": str(config.run_dir), "evals": evals, "final": evals[-1] if evals else {}}
+
+    def probe(self, usp_weights: str) -> dict:
+        from usp.data.fashion_mnist import load_fashion_mnist
+        from usp.understanding import fast_probe, logistic_regression
+
+        limit = self.budget("probe_train")
+        results = {}
+        for name, init in (("usp", usp_weights), ("random_init", None)):
+            config = self.recipe("probe", *self.latent_overrides(), f"data.limit={limit}",
+                                 f"model.init={init if init else 'null'}", f"run.name=probe-{name}")
+            results[name] = fast_probe(config)
+        train_x, train_y = load_fashion_mnist(None, "train")
+        test_x, test_y = load_fashion_mnist(None, "test")
+        start = time.perf_counter()
+        raw = logistic_regression(torch.from_numpy(train_x[:limit].reshape(len(train_x[:limit]), -1)).float(),
+                                  torch.from_numpy(train_y[:limit]), torch.from_numpy(test_x.reshape(len(test_x), -1))
+                                  .float(), torch.from_numpy(test_y))
+        results["raw_pixels"] = {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start}
+        return results
+
+    def run(self) -> Path:
+        from usp.data.fashion_mnist import find_folder
+
+        if find_folder() is None:
+            raise FileNotFoundError("Fashion-MNIST not found: `apt-get install dataset-fashion-mnist` (or run "
+                                    "`bash scripts/setup.sh`), or set USP_FASHION_MNIST to a folder with its IDX files")
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        results = {"vae": self.stage("vae", self.vae)}
+        results["cache"] = self.stage("cache", self.cache)
+        results["domain"] = self.stage("domain", self.domain)
+        results["pretrain"] = self.stage("pretrain", self.pretrain)
+        weights = results["pretrain"]["weights"]
+        for name in GENERATORS:
+            results[name] = self.stage(name, lambda name=name: self.generate(name, weights))
+        results["probe"] = self.stage("probe", lambda: self.probe(weights))
+        from usp.report import write_report
+
+        return write_report(self.out, results, quick=self.quick, seed=self.seed)
+
+
+def _history(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def _evals(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [{"step": r["step"], **r["eval"]} for r in map(json.loads, lines) if "eval" in r]
+
+
+def steps_to_reach(evals: list[dict], target: float, key: str = "domain_fd") -> int | None:
+    """First evaluated step whose `key` is at or below `target` (None if never)."""
+    for record in evals:
+        if key in record and math.isfinite(record[key]) and record[key] <= target:
+            return record["step"]
+    return None
+
+
+def run_demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0) -> Path:
+    return Demo(Path(out), quick, seed).run()

@@ -1,0 +1,119 @@
+"""Sampling from DiT / SiT generators: guided model functions, per-sample seeds, grids and ADM NPZs.
+
+Every sample i is drawn from its own seed (`seed + i`): its label (when not class-balanced), its
+initial noise and every stochastic step's noise, so a sample set does not depend on the batch size or
+the number of processes. `usp sample` shards indices across torchrun ranks in fixed chunks, each
+written to its own file, and skips chunks already on disk (resumption).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from usp.config import GenerationConfig
+from usp.diffusion import create_diffusion, create_transport, ddim_sample_loop, p_sample_loop, sample_ode, sample_sde
+from usp.models.dit import DiT
+
+
+def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float,
+                    guided_channels: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """model_fn(x, t) for samplers: conditional on `labels`, with classifier-free guidance when scale ≠ 1."""
+    if cfg_scale == 1.0:
+        return lambda x, t: model(x, t, labels)
+    null = torch.full_like(labels, model.null_label)
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        both = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]),
+                                      cfg_scale, guided_channels)
+        return both[: x.shape[0]]
+
+    return fn
+
+
+def sample_labels(indices: list[int], seed: int, num_classes: int, balanced: bool) -> torch.Tensor:
+    if balanced:
+        return torch.tensor([i % num_classes for i in indices])
+    return torch.tensor([int(torch.randint(num_classes, (), generator=torch.Generator().manual_seed(seed + i)))
+                         for i in indices])
+
+
+@torch.no_grad()
+def sample_latents(model: DiT, gen: GenerationConfig, labels: torch.Tensor, seeds: list[int],
+                   latent_shape: tuple[int, int, int], progress: bool = False) -> torch.Tensor:
+    """Draw one latent (C, h, w) per label, sample i from `seeds[i]`. Returns (N, C, h, w)."""
+    device = next(model.parameters()).device
+    generators = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]  # ≠ the label's stream
+    noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
+    model_fn = guided_model_fn(model, labels.to(device), gen.cfg_scale, gen.guided_channels)
+    if gen.method == "ddpm":
+        diffusion = create_diffusion(gen.sample_steps, learn_sigma=gen.learn_sigma)
+        if gen.sampler == "ddim":
+            return ddim_sample_loop(diffusion, model_fn, noise, progress=progress, generator=generators)
+        return p_sample_loop(diffusion, model_fn, noise, progress=progress, generator=generators)
+    transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps)
+    if gen.sampler == "sde":
+        return sample_sde(transport, model_fn, noise, num_steps=int(gen.sample_steps), generator=generators)[0]
+    steps = 50 if gen.ode_method == "dopri5" or not gen.sample_steps.isdigit() else int(gen.sample_steps)
+    return sample_ode(transport, model_fn, noise, method=gen.ode_method, num_steps=steps)[0]
+
+
+def sample_images(model: DiT, decode: Callable[[torch.Tensor], torch.Tensor], gen: GenerationConfig,
+                  indices: list[int], seed: int, num_classes: int, balanced: bool, latent_shape: tuple[int, int, int],
+                  batch_size: int = 64, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 (N, H, W, 3) and labels (N,) for sample indices `indices`."""
+    from usp.data.images import to_uint8
+
+    images, labels = [], []
+    for start in tqdm(range(0, len(indices), batch_size), disable=not progress, desc="sample", unit="batch"):
+        chunk = indices[start : start + batch_size]
+        y = sample_labels(chunk, seed, num_classes, balanced)
+        z = sample_latents(model, gen, y, [seed + i for i in chunk], latent_shape)
+        images.append(to_uint8(decode(z)))
+        labels.append(y.numpy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def sample_sharded(model: DiT, decode, gen: GenerationConfig, out_dir: Path, num_samples: int, seed: int,
+                   num_classes: int, balanced: bool, latent_shape: tuple[int, int, int], rank: int = 0,
+                   world_size: int = 1, chunk_size: int = 1000, batch_size: int = 64, progress: bool = True) -> Path:
+    """Write chunk files of `chunk_size` samples (chunks assigned round-robin to ranks, finished ones
+    skipped), then — on rank 0, once all exist — merge them into ADM's NPZ (`arr_0` uint8 N×H×W×3,
+    `arr_1` labels). Returns the NPZ path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chunks = [list(range(s, min(s + chunk_size, num_samples))) for s in range(0, num_samples, chunk_size)]
+    for k in range(rank, len(chunks), world_size):
+        path = out_dir / f"chunk_{k:05d}.npz"
+        if path.exists():
+            continue
+        images, labels = sample_images(model, decode, gen, chunks[k], seed, num_classes, balanced, latent_shape,
+                                       batch_size, progress)
+        tmp = out_dir / f"chunk_{k:05d}.tmp.npz"
+        np.savez(tmp, images=images, labels=labels)
+        tmp.replace(path)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    final = out_dir / f"samples_{num_samples}.npz"
+    if rank == 0:
+        parts = [np.load(out_dir / f"chunk_{k:05d}.npz") for k in range(len(chunks))]
+        images = np.concatenate([p["images"] for p in parts])
+        labels = np.concatenate([p["labels"] for p in parts])
+        tmp = out_dir / "samples.tmp.npz"
+        np.savez(tmp, arr_0=images, arr_1=labels)
+        tmp.replace(final)
+    return final
+
+
+def save_grid(images: np.ndarray, path: Path, nrow: int) -> None:
+    """uint8 (N, H, W, 3) -> one PNG, `nrow` images per row."""
+    from torchvision.utils import save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    save_image(tensor, path, nrow=nrow, padding=1)

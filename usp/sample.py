@@ -1,0 +1,76 @@
+"""`usp sample`: load a generator (ours, a public DiT/SiT checkpoint, or USP's fine-tuned weights), draw
+class-conditional samples sharded across torchrun ranks, write ADM's NPZ and a PNG grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from usp.config import Config, _build, load_config, parse_override
+from usp.generate import sample_sharded, save_grid
+from usp.latent.vae import LatentSpace, spec_of
+from usp.models.dit import DiT, build_dit
+from usp.models.transfer import load_state_dict_file
+from usp.train.checkpoint import load_strict, load_weights
+from usp.train.engine import setup_runtime
+
+
+def build_generator(config: Config) -> DiT:
+    side = config.data.image_size // spec_of(config.latent.space).factor
+    return build_dit(config.model.name, input_size=side, in_channels=spec_of(config.latent.space).channels,
+                     num_classes=config.model.num_classes, class_dropout_prob=config.model.class_dropout,
+                     learn_sigma=config.generation.learn_sigma, affine_norms=config.model.affine_norms)
+
+
+def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model_name: str | None = None
+                   ) -> tuple[DiT, Config]:
+    """Our `weights_*.safetensors` carry their recipe; anything else (a public DiT/SiT `.pt`, USP's
+    fine-tuned weights) needs `model_name` and recipe overrides for the latent space and sizes."""
+    path = Path(weights)
+    meta = load_weights(path)[1] if path.suffix == ".safetensors" else {}
+    if meta.get("config"):
+        if meta.get("task") != "finetune":
+            raise ValueError(f"{path} holds {meta.get('task')} weights; sampling needs a `usp finetune` checkpoint")
+        values = meta["config"]
+        for text in overrides:
+            keys, value = parse_override(text)
+            node = values
+            for part in keys[:-1]:
+                node = node.setdefault(part, {})
+            node[keys[-1]] = value
+        config = _build(Config, values, "").validate()
+        if model_name:
+            config.model.name = model_name
+    else:
+        if model_name is None:
+            raise ValueError(f"{path} has no usp metadata; pass --model (e.g. dit_xl_2 or sit_xl_2) and overrides "
+                             "such as data.image_size=256 model.affine_norms=true for USP's fine-tuned weights")
+        method = ["generation.method=transport", "generation.sampler=ode"] if model_name.startswith("sit") else []
+        config = load_config(None, [*method, *overrides, f"model.name={model_name}"])
+    model = build_generator(config)
+    state = load_weights(path)[0] if path.suffix == ".safetensors" else load_state_dict_file(path)
+    load_strict(model, state, str(path))
+    return model.eval(), config
+
+
+def run_sampling(weights: str | Path, overrides: list[str] | tuple = (), out_dir: str | Path | None = None,
+                 num_samples: int = 64, seed: int = 0, balanced: bool = False, batch_size: int = 64,
+                 model_name: str | None = None, grid: int = 64) -> Path:
+    model, config = load_generator(weights, overrides, model_name)
+    runtime = setup_runtime(config.run.device)
+    model.to(runtime.device)
+    latent = LatentSpace.load(config.latent.space, config.latent.path).to(runtime.device)
+    side = latent.check_image_size(config.data.image_size)
+    out = Path(out_dir) if out_dir else Path(weights).parent.parent / f"samples_{num_samples}"
+    npz = sample_sharded(model, latent.decode, config.generation, out, num_samples, seed, config.model.num_classes,
+                         balanced, (latent.channels, side, side), runtime.rank, runtime.world_size,
+                         batch_size=batch_size, progress=runtime.is_main)
+    if runtime.is_main and grid:
+        import numpy as np
+
+        images = np.load(npz)["arr_0"][:grid]
+        save_grid(images, out / "grid.png", nrow=int(len(images) ** 0.5) or 1)
+    if runtime.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return npz
