@@ -110,6 +110,19 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
         print(f"{split}: {len(dataset)} images -> {path}")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from usp.demo import run_demo
+
+    report = run_demo(args.out, quick=args.quick, seed=args.seed)
+    print(f"report: {report}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from usp.bench import main as bench_main
+
+    bench_main(args.bench_args)
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     from usp.reconstruct import reconstruct_grid
 
@@ -170,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the whole method on Fashion-MNIST on one CPU, with a report",
+                       description="example: usp demo --out demo_out   (resumable: finished stages are skipped)")
+    p.add_argument("--out", default="demo_out", help="output folder (report.md, PNGs, runs)")
+    p.add_argument("--quick", action="store_true", help="tiny budgets: checks the whole pipeline in minutes")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmark tables against plain baselines (see docs/benchmarks.md)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the suite, e.g. --quick")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("reconstruct", help="the restoration figure: original | masked | reconstruction")
     p.add_argument("weights", help="weights_*.safetensors of a pretraining run")

@@ -254,6 +254,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ValueError(f"{key} must be a number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, int) and not isinstance(value, bool):  # e.g. sample_steps: 250
+            return str(value)
         if not isinstance(value, str):
             raise ValueError(f"{key} must be a string, got {value!r}")
         return value

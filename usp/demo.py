@@ -13,7 +13,6 @@ Stages (each skipped when its result file exists, so an interrupted demo resumes
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -113,7 +112,8 @@ class Demo:
         config = self.recipe("pretrain", *self.latent_overrides(), f"train.max_steps={self.budget('pretrain_steps')}")
         train(config, build_task(config), resume="auto")
         weights = latest_weights(config.run_dir / "checkpoints")
-        reconstruct_grid(weights, self.out / "restoration.png", num_images=10, overrides=[f"latent.path={self.vae_dir}"])
+        reconstruct_grid(weights, self.out / "restoration.png", num_images=10,
+                         overrides=[f"latent.path={self.vae_dir}"])
         history = _history(config.run_dir)
         return {"weights": str(weights), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
                 "steps": config.train.max_steps}
@@ -180,14 +180,6 @@ def _history(run_dir: Path) -> list[dict]:
 def _evals(run_dir: Path) -> list[dict]:
     lines = (run_dir / "log.jsonl").read_text().splitlines()
     return [{"step": r["step"], **r["eval"]} for r in map(json.loads, lines) if "eval" in r]
-
-
-def steps_to_reach(evals: list[dict], target: float, key: str = "domain_fd") -> int | None:
-    """First evaluated step whose `key` is at or below `target` (None if never)."""
-    for record in evals:
-        if key in record and math.isfinite(record[key]) and record[key] <= target:
-            return record["step"]
-    return None
 
 
 def run_demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0) -> Path:
