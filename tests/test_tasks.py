@@ -32,10 +32,12 @@ def pretrained(tmp_path_factory, tiny_vae_dir):
 @pytest.mark.parametrize("family", ["dit", "sit"])
 def test_finetune_from_usp_transfers_trains_and_samples(pretrained, family):
     weights, common = pretrained
-    method = (["generation.method=ddpm", "generation.sampler=ddim", "generation.sample_steps=ddim3"] if family == "dit"
-              else ["generation.method=transport", "generation.sampler=ode", "generation.ode_method=euler",
-                    "generation.sample_steps=3"])
-    config = load_config(None, [*common, *method, "run.task=finetune", f"model.name={family}_t_2", f"model.init={weights}",
+    dit = ["generation.method=ddpm", "generation.sampler=ddim", "generation.sample_steps=ddim3"]
+    sit = ["generation.method=transport", "generation.sampler=ode", "generation.ode_method=euler",
+           "generation.sample_steps=3"]
+    method = dit if family == "dit" else sit
+    config = load_config(None, [*common, *method, "run.task=finetune", f"model.name={family}_t_2",
+                                f"model.init={weights}",
                                 "model.affine_norms=true", "model.num_classes=10", "run.name=" + family,
                                 "train.ema_decay=0.9", "optim.lr=1e-3", "optim.weight_decay=0.0",
                                 "generation.grid_per_class=1"])
@@ -60,7 +62,8 @@ def test_usp_sample_writes_adm_npz_independent_of_batch_size(pretrained, tmp_pat
     from usp.sample import run_sampling
 
     weights, common = pretrained
-    config = load_config(None, [*common, "run.task=finetune", "model.name=dit_t_2", "model.num_classes=10", "run.name=gen",
+    config = load_config(None, [*common, "run.task=finetune", "model.name=dit_t_2", "model.num_classes=10",
+                                "run.name=gen",
                                 "generation.sampler=ddpm", "generation.sample_steps=4"])
     train(config, build_task(config), CPU, resume=None)
     generator = ckpt.latest_weights(config.run_dir / "checkpoints")
@@ -98,6 +101,7 @@ def test_classify_with_layer_decay_and_mixup_runs(pretrained):
     config = load_config(None, [*common, "run.task=classify", "model.name=vit_t_2", f"model.init={weights}",
                                 "model.num_classes=10", "model.drop_path=0.1", "run.name=cls",
                                 "classify.mixup=0.8", "classify.cutmix=1.0", "classify.label_smoothing=0.1",
+                                "classify.randaug=rand-m9-mstd0.5-inc1", "classify.random_erasing=0.25",
                                 "optim.layer_decay=0.75", "optim.blr=1e-3", "data.eval_split=test"])
     task = build_task(config)
     scales = sorted({round(g["lr_scale"], 6) for g in task.param_groups()})

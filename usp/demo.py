@@ -25,6 +25,7 @@ GENERATORS = ("dit_usp", "dit_scratch", "sit_usp", "sit_scratch")
 
 # Budgets: (full, quick). The quick run checks the plumbing end to end; its numbers mean little.
 BUDGET = {
+    "images": (None, 2000),  # train images used by every stage (the test split is capped at a quarter)
     "vae_steps": (900, 15),
     "pretrain_steps": (1200, 10),
     "finetune_steps": (1500, 8),
@@ -70,7 +71,8 @@ class Demo:
         from usp.train.engine import train
         from usp.train.tasks import build_task
 
-        config = self.recipe("vae", f"train.max_steps={self.budget('vae_steps')}", f"vae.out={self.vae_dir}")
+        config = self.recipe("vae", f"train.max_steps={self.budget('vae_steps')}", f"vae.out={self.vae_dir}",
+                             *self.limit())
         train(config, build_task(config), resume="auto")
         stats = json.loads((self.vae_dir / "latent_stats.json").read_text())
         return {"psnr_test": stats["psnr_test"], "scale": stats["scale"], "steps": config.train.max_steps}
@@ -79,8 +81,12 @@ class Demo:
     def vae_dir(self) -> Path:
         return self.out / "vae"
 
+    def limit(self) -> list[str]:
+        images = self.budget("images")
+        return [f"data.limit={images}"] if images else []
+
     def latent_overrides(self) -> list[str]:
-        return [f"latent.path={self.vae_dir}", f"latent.cache={self.latents}"]
+        return [f"latent.path={self.vae_dir}", f"latent.cache={self.latents}", *self.limit()]
 
     def cache(self) -> dict:
         from usp.data.images import build_image_dataset, build_transform
@@ -91,7 +97,9 @@ class Demo:
         transform = build_transform(32, "center", hflip=False)
         counts = {}
         for split in ("train", "test"):
-            dataset = build_image_dataset("fashion_mnist", None, split, transform)
+            images = self.budget("images")
+            limit = images if split == "train" or images is None else images // 4
+            dataset = build_image_dataset("fashion_mnist", None, split, transform, limit=limit)
             build_cache(dataset, latent, 32, self.latents, split, batch_size=500, progress=False)
             counts[split] = len(dataset)
         return counts

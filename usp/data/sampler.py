@@ -7,8 +7,10 @@ processes, the worker count or where a run was resumed. `SeededDataset` applies 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -58,9 +60,17 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, seed = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            sample = dict(self.base[index])
-            if self.extras is not None:
-                sample.update(self.extras())
+        # timm's RandAugment draws from Python's and NumPy's generators too: seed all three, then restore.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                sample = dict(self.base[index])
+                if self.extras is not None:
+                    sample.update(self.extras())
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
         return sample

@@ -29,7 +29,7 @@ class LatentData:
     On the fly: items carry images, which the frozen VAE encodes on the training device.
     """
 
-    def __init__(self, config: Config, split: str, augment: bool, crop: str | None = None):
+    def __init__(self, config: Config, split: str, augment: bool, crop: str | None = None, transform=None):
         lc, dc = config.latent, config.data
         self.spec = spec_of(lc.space)
         self.latent_size = dc.image_size // self.spec.factor
@@ -39,11 +39,14 @@ class LatentData:
         self.sample_posterior, self.augment = lc.sample_posterior, augment
         self.vae: LatentSpace | None = None
         if lc.cache:
+            if transform is not None:
+                raise ValueError("this recipe augments images (classify.randaug / random_erasing), which a latent "
+                                 "cache cannot do: unset latent.cache to encode augmented images on the fly")
             self.dataset = LatentCacheDataset(lc.cache, split, lc.space, dc.image_size, dc.limit)
             self.scale, self.shift = scale_and_shift(lc.space, lc.path)
         else:
-            transform = build_transform(dc.image_size, crop or (dc.crop if augment else "center"), dc.crop_scale,
-                                        dc.hflip and augment, dc.normalize)
+            transform = transform or build_transform(dc.image_size, crop or (dc.crop if augment else "center"),
+                                                     dc.crop_scale, dc.hflip and augment, dc.normalize)
             self.dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download)
             self.vae = LatentSpace.load(lc.space, lc.path)
             self.scale, self.shift = self.vae.scale, self.vae.shift
@@ -130,7 +133,7 @@ class VAETask:
             return {}
         dc = self.config.data
         test = build_image_dataset(dc.source, dc.root, dc.eval_split, build_transform(
-            dc.image_size, "center", hflip=False, normalize="half"), download=dc.download)
+            dc.image_size, "center", hflip=False, normalize="half"), limit=dc.limit, download=dc.download)
         model.eval()
         device = next(model.parameters()).device
         mse_sum, count, means = 0.0, 0, []
@@ -264,12 +267,22 @@ class ClassifierTask:
         from usp.understanding import build_mixup, prepare_linear_probe
 
         self.config, self.probe = config, config.run.task == "probe"
-        self.data = LatentData(config, config.data.split, augment=True)
+        cc, dc = config.classify, config.data
+        transform = None
+        if not self.probe and (cc.randaug or cc.random_erasing):
+            from timm.data import create_transform
+
+            from usp.data.images import IMAGENET_MEAN, IMAGENET_STD
+
+            mean, std = ((0.5,) * 3, (0.5,) * 3) if dc.normalize == "half" else (IMAGENET_MEAN, IMAGENET_STD)
+            transform = create_transform(dc.image_size, is_training=True, auto_augment=cc.randaug,
+                                         re_prob=cc.random_erasing, interpolation="bicubic", mean=mean, std=std,
+                                         scale=dc.crop_scale, hflip=0.5 if dc.hflip else 0.0)
+        self.data = LatentData(config, config.data.split, augment=True, transform=transform)
         self.train_set = self.data.dataset
         self.model = build_classifier(config, self.data.latent_size, self.data.spec.channels)
         if self.probe:
             prepare_linear_probe(self.model, config.model.num_classes)
-        cc = config.classify
         self.mixup, self.criterion = build_mixup(mixup_alpha=cc.mixup, cutmix_alpha=cc.cutmix,
                                                  label_smoothing=cc.label_smoothing,
                                                  num_classes=config.model.num_classes)
