@@ -95,8 +95,8 @@ class GenerationConfig:
 @dataclass
 class VaeConfig:
     kl_weight: float = 1e-6  # small: a latent space for reconstruction, as LDM's KL-f autoencoders
-    width: int = 96
-    depth: int = 2
+    width: int = 64
+    depth: int = 1
     out: str | None = None  # where the trained VAE folder goes; default <run dir>/vae
 
 

@@ -1,7 +1,9 @@
 """A small KL autoencoder for 32×32 data (the embedded default's latent space), f4 × 4 channels.
 
-Cheap by design: all convolutions run at the latent resolution; pixels enter and leave through
-pixel-(un)shuffle of 4×4 patches, so a CPU trains it in minutes. Its interface is the one of
+Cheap by design (a CPU trains it in minutes): two stride-2 convolutions down to the latent grid, residual
+blocks only at the latent resolution, nearest-neighbour upsampling and single convolutions back up.
+(A variant that left pixels through pixel-shuffle of 4×4 patches was as cheap but reached only 18.7 dB
+test PSNR where this one reached 22.0 dB after the same 300 steps.) Its interface is the one of
 diffusers' AutoencoderKL that `usp.latent.vae` uses (`encode(x).latent_dist`, `decode(z).sample`),
 and `save_pretrained` / `from_pretrained` write and read a folder (config.json + safetensors).
 """
@@ -43,20 +45,26 @@ class _Decoded:
 
 
 class SmallVAE(nn.Module):
-    def __init__(self, in_channels: int = 3, latent_channels: int = 4, factor: int = 4, width: int = 96,
-                 depth: int = 2):
+    def __init__(self, in_channels: int = 3, latent_channels: int = 4, width: int = 64, depth: int = 1):
         super().__init__()
         self.config = dict(_class_name=CLASS_NAME, in_channels=in_channels, latent_channels=latent_channels,
-                           factor=factor, width=width, depth=depth)
-        patch = in_channels * factor * factor
-        self.factor = factor
+                           width=width, depth=depth)
+        half = width // 2
+        self.factor = 4
         self.encoder = nn.Sequential(
-            nn.PixelUnshuffle(factor), nn.Conv2d(patch, width, 3, padding=1),
+            nn.Conv2d(in_channels, half, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(half, width, 3, stride=2, padding=1), nn.SiLU(),  # H/2
+            nn.Conv2d(width, width, 3, stride=2, padding=1),  # H/4: the latent grid
             *[ResBlock(width) for _ in range(depth)], nn.SiLU(), nn.Conv2d(width, 2 * latent_channels, 3, padding=1),
         )
+        # Start with a near-deterministic posterior (std e^-3 ≈ 0.05): with logvar ≈ 0 the unit-variance sample
+        # noise swamps the untrained means, and the tiny KL weight takes thousands of steps to shrink it.
+        nn.init.constant_(self.encoder[-1].bias[latent_channels:], -6.0)
         self.decoder = nn.Sequential(
-            nn.Conv2d(latent_channels, width, 3, padding=1), *[ResBlock(width) for _ in range(depth + 1)],
-            nn.SiLU(), nn.Conv2d(width, patch, 3, padding=1), nn.PixelShuffle(factor),
+            nn.Conv2d(latent_channels, width, 3, padding=1), *[ResBlock(width) for _ in range(depth + 1)], nn.SiLU(),
+            nn.Upsample(scale_factor=2), nn.Conv2d(width, half, 3, padding=1), nn.SiLU(),
+            nn.Upsample(scale_factor=2), nn.Conv2d(half, half, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(half, in_channels, 3, padding=1),
         )
 
     @property
