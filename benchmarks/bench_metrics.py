@@ -71,19 +71,17 @@ def main() -> None:
     if args.n < 4 or args.dim < 1:
         parser.error("--n must be >= 4 (k = 3 neighbours) and --dim >= 1")
     names = args.only or ["fid-sqrtm", "fid-eigh", "inception_score", "precision_recall"]
+    shape = f"{args.n} x {args.dim} features, {args.n} x {args.classes} logits, threads={args.threads or 'default'}"
+    print(f"ADM metrics on random {shape}")
+    print(f"{'metric':<18} {'time (s)':>10} {'peak RSS (MiB)':>15} {'peak above inputs (MiB)':>24}  value", flush=True)
     ctx = mp.get_context("spawn")
-    rows = []
-    for name in names:
+    for name in names:  # one process per metric, each row printed as it finishes
         queue = ctx.Queue()
         proc = ctx.Process(target=_run, args=(name, args.n, args.dim, args.classes, args.threads, args.device, queue))
         proc.start()
-        rows.append(queue.get())
+        name, seconds, peak, above, value = queue.get()
         proc.join()
-    shape = f"{args.n} x {args.dim} features, {args.n} x {args.classes} logits, threads={args.threads or 'default'}"
-    print(f"ADM metrics on random {shape}")
-    print(f"{'metric':<18} {'time (s)':>10} {'peak RSS (MiB)':>15} {'peak above inputs (MiB)':>24}  value")
-    for name, seconds, peak, above, value in rows:
-        print(f"{name:<18} {seconds:>10.1f} {peak:>15.0f} {above:>24.0f}  {value}")
+        print(f"{name:<18} {seconds:>10.1f} {peak:>15.0f} {above:>24.0f}  {value}", flush=True)
 
 
 if __name__ == "__main__":

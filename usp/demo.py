@@ -26,11 +26,11 @@ GENERATORS = ("dit_usp", "dit_scratch", "sit_usp", "sit_scratch")
 # Budgets: (full, quick). The quick run checks the plumbing end to end; its numbers mean little.
 BUDGET = {
     "images": (None, 2000),  # train images used by every stage (the test split is capped at a quarter)
-    "vae_steps": (600, 15),
-    "pretrain_steps": (400, 10),
-    "finetune_steps": (300, 8),
-    "eval_every": (75, 4),
-    "eval_samples": (500, 50),
+    "vae_steps": (300, 15),
+    "pretrain_steps": (300, 10),
+    "finetune_steps": (250, 8),
+    "eval_every": (50, 4),
+    "eval_samples": (400, 50),
     "domain_epochs": (2, 1),
     "probe_train": (10000, 500),
 }

@@ -66,7 +66,7 @@ class SeededDataset(Dataset):
         np.random.seed(seed % 2**32)
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would queue CUDA seeding
                 sample = dict(self.base[index])
                 if self.extras is not None:
                     sample.update(self.extras())
