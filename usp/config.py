@@ -288,14 +288,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML recipe (or start from the defaults) and apply dotted overrides, then validate."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} not found; see configs/ (e.g. configs/fmnist/pretrain.yaml)")
-        values = yaml.safe_load(path.read_text()) or {}
+def apply_overrides(values: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Set each dotted `key=value` in the nested dict `values` (in place; returned for chaining)."""
     for text in overrides:
         keys, value = parse_override(text)
         node = values
@@ -304,7 +298,23 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             if not isinstance(node, dict):
                 raise ValueError(f"override {text!r}: {part} is not a section")
         node[keys[-1]] = value
-    return _build(Config, values, "").validate()
+    return values
+
+
+def config_from_dict(values: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
+    """A validated Config from a nested dict (e.g. the recipe stored in a checkpoint) plus overrides."""
+    return _build(Config, apply_overrides(values, overrides), "").validate()
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML recipe (or start from the defaults) and apply dotted overrides, then validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} not found; see configs/ (e.g. configs/fmnist/pretrain.yaml)")
+        values = yaml.safe_load(path.read_text()) or {}
+    return config_from_dict(values, overrides)
 
 
 def save_config(config: Config, path: str | Path) -> None:

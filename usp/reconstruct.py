@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from usp.config import Config, _build
+from usp.config import config_from_dict
 from usp.data.images import build_image_dataset, build_transform
 from usp.latent.vae import LatentSpace
 from usp.models.mae import build_mae
@@ -19,20 +19,11 @@ def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, 
                      seed: int = 0, overrides: list[str] | tuple = ()) -> Path:
     """Mask `mask_ratio` of the latent patches of the first `num_images` evaluation images, reconstruct,
     decode, and save a 3-row PNG grid: originals, masked inputs (masked patches grey), reconstructions."""
-    from usp.config import parse_override
-
     state, meta = load_weights(weights)
     if meta.get("task") != "pretrain":
         raise ValueError(f"{weights} holds {meta.get('task') or 'unknown'} weights; reconstruct needs a pretraining "
                          "checkpoint (runs/<name>/checkpoints/weights_*.safetensors of `usp pretrain`)")
-    values = meta["config"]
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = values
-        for part in keys[:-1]:
-            node = node.setdefault(part, {})
-        node[keys[-1]] = value
-    config: Config = _build(Config, values, "").validate()
+    config = config_from_dict(meta["config"], overrides)
     dc = config.data
     latent = LatentSpace.load(config.latent.space, config.latent.path)
     latent_size = latent.check_image_size(dc.image_size)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from usp.config import Config, _build, load_config, parse_override
+from usp.config import Config, config_from_dict, load_config
 from usp.generate import sample_sharded, save_grid
 from usp.latent.vae import LatentSpace, spec_of
 from usp.models.dit import DiT, build_dit
@@ -32,14 +32,7 @@ def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model
     if meta.get("config"):
         if meta.get("task") != "finetune":
             raise ValueError(f"{path} holds {meta.get('task')} weights; sampling needs a `usp finetune` checkpoint")
-        values = meta["config"]
-        for text in overrides:
-            keys, value = parse_override(text)
-            node = values
-            for part in keys[:-1]:
-                node = node.setdefault(part, {})
-            node[keys[-1]] = value
-        config = _build(Config, values, "").validate()
+        config = config_from_dict(meta["config"], overrides)
         if model_name:
             config.model.name = model_name
     else:
