@@ -268,3 +268,20 @@ def test_registry_variant_sizes(name):
 def test_unknown_variant_lists_the_choices():
     with pytest.raises(ValueError, match="dit_xl_2.*sit_s_8"):
         build_dit("DiT-XL/2")
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["public-dit-xl-2", "usp-vae-simple-dit-xl-2"])
+def test_xl_2_checkpoint_layouts_load_strictly(affine):
+    """A state dict with the public DiT-XL/2 (or USP VAE-simple) keys and shapes loads with strict=True.
+
+    Tensors live on the meta device, so strict key/shape checking runs without 2.7 GB of weights."""
+    shapes = public_layout(28, 1152, 2, 4, 8, 256, 1000, affine_norms=affine)
+    state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    with torch.device("meta"):
+        model = build_dit("dit_xl_2", input_size=32, affine_norms=affine)
+    result = model.load_state_dict(state, strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    wrong = dict(state)
+    wrong["blocks.0.attn.qkv.weight"] = torch.empty(3 * 1152, 1024, device="meta")
+    with pytest.raises(RuntimeError, match="blocks.0.attn.qkv.weight"):
+        model.load_state_dict(wrong, strict=True, assign=True)
