@@ -166,7 +166,6 @@ class Demo:
         if find_folder() is None:
             raise FileNotFoundError("Fashion-MNIST not found: `apt-get install dataset-fashion-mnist` (or run "
                                     "`bash scripts/setup.sh`), or set USP_FASHION_MNIST to a folder with its IDX files")
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         results = {"vae": self.stage("vae", self.vae)}
         results["cache"] = self.stage("cache", self.cache)
         results["domain"] = self.stage("domain", self.domain)

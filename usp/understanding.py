@@ -251,12 +251,7 @@ def encode_split(model: VisionTransformer, data, batch_size: int = 500) -> tuple
     """Frozen pooled features (N, D) and labels of every item of a `LatentData` split (no augmentation)."""
     model.eval()
     features, labels = [], []
-    dataset = data.dataset
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in items[0]}
-        if data.cached:
-            batch["flip"] = torch.zeros(len(items), dtype=torch.bool)
+    for batch in data.eval_batches(list(range(len(data.dataset))), batch_size):
         features.append(model.forward_features(data.latents(batch)))
         labels.append(batch["label"])
     return torch.cat(features), torch.cat(labels)

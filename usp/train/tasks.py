@@ -64,6 +64,15 @@ class LatentData:
             out["posterior_eps"] = torch.randn(self.spec.channels, self.latent_size, self.latent_size)
         return out
 
+    def eval_batches(self, indices: list[int], batch_size: int, device: torch.device | str = "cpu"):
+        """Unaugmented batches (plain, never flipped) of the given items, for evaluation and feature extraction."""
+        for start in range(0, len(indices), batch_size):
+            items = [self.dataset[i] for i in indices[start : start + batch_size]]
+            batch = {k: torch.stack([torch.as_tensor(item[k]) for item in items]).to(device) for k in items[0]}
+            if self.cached:
+                batch["flip"] = torch.zeros(len(items), dtype=torch.bool, device=device)
+            yield batch
+
     def latents(self, batch: dict) -> torch.Tensor:
         """The batch's scaled latents (N, C, h, w) on the batch's device."""
         eps = batch.get("posterior_eps")
@@ -324,17 +333,12 @@ class ClassifierTask:
         device = next(model.parameters()).device
         model.eval()
         correct, total = torch.zeros(2, device=device), torch.zeros((), device=device)
-        indices = list(range(runtime.rank, len(data.dataset), runtime.world_size))
-        for start in range(0, len(indices), 256):
-            items = [data.dataset[i] for i in indices[start : start + 256]]
-            batch = {key: torch.stack([torch.as_tensor(item[key]) for item in items]).to(device) for key in items[0]}
-            if data.cached:
-                batch["flip"] = torch.zeros(len(items), dtype=torch.bool, device=device)
+        for batch in data.eval_batches(list(range(runtime.rank, len(data.dataset), runtime.world_size)), 256, device):
             logits = model(data.latents(batch))
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top5 == batch["label"].view(-1, 1)
             correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float()
-            total += len(items)
+            total += len(hits)
         if runtime.world_size > 1:
             dist.all_reduce(correct)
             dist.all_reduce(total)
