@@ -95,8 +95,10 @@ class GenerationConfig:
 @dataclass
 class VaeConfig:
     kl_weight: float = 1e-6  # small: a latent space for reconstruction, as LDM's KL-f autoencoders
+    latent_channels: int = 8  # the small-f4 latent space expects 8
     width: int = 64
     depth: int = 1
+    init_images: int = 4096  # training images whose patch PCA initialises the linear code (0: random init)
     out: str | None = None  # where the trained VAE folder goes; default <run dir>/vae
 
 

@@ -1,11 +1,16 @@
-"""A small KL autoencoder for 32×32 data (the embedded default's latent space), f4 × 4 channels.
+"""A small KL autoencoder for 32×32 data (the embedded default's latent space): f4, 8 latent channels.
 
-Cheap by design (a CPU trains it in minutes): two stride-2 convolutions down to the latent grid, residual
-blocks only at the latent resolution, nearest-neighbour upsampling and single convolutions back up.
-(A variant that left pixels through pixel-shuffle of 4×4 patches was as cheap but reached only 18.7 dB
-test PSNR where this one reached 22.0 dB after the same 300 steps.) Its interface is the one of
-diffusers' AutoencoderKL that `usp.latent.vae` uses (`encode(x).latent_dist`, `decode(z).sample`),
-and `save_pretrained` / `from_pretrained` write and read a folder (config.json + safetensors).
+Each 4×4 pixel patch is coded by a linear projection plus a convolutional correction that sees the
+neighbouring patches; the decoder mirrors it. The linear parts start as the whitened PCA of the training
+patches (`init_from_data`) and the corrections start at zero, so training begins at the best linear code
+and only has to learn what context adds. Measured on Fashion-MNIST test images (2 000, 200 steps × 128,
+one CPU thread): 26.1 dB at initialisation, 28.4 dB after training; the same network from random
+initialisation, and the strided-convolution VAE this replaced, stayed below 22.5 dB at that budget.
+Eight channels, not four: 4×4×1 grey patches coded linearly by 4 numbers give 21.2 dB, by 8 give 26.1 dB.
+
+The interface is the one of diffusers' AutoencoderKL that `usp.latent.vae` uses (`encode(x).latent_dist`,
+`decode(z).sample`), and `save_pretrained` / `from_pretrained` write and read a folder (config.json +
+safetensors).
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from safetensors.torch import load_file, save_file
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 CLASS_NAME = "UspSmallVAE"
+# Start with a near-deterministic posterior (std e^-3 ≈ 0.05 of the unit-variance code): with logvar ≈ 0
+# the sample noise would swamp the code, and the tiny KL weight takes thousands of steps to shrink it.
+INITIAL_LOGVAR = -6.0
 
 
 class ResBlock(nn.Module):
@@ -32,6 +40,15 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+def correction(in_channels: int, out_channels: int, width: int, depth: int) -> nn.Sequential:
+    """Convolutions on the latent grid whose last layer starts at zero (the correction starts as a no-op)."""
+    last = nn.Conv2d(width, out_channels, 3, padding=1)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), *[ResBlock(width) for _ in range(depth)],
+                         nn.SiLU(), last)
 
 
 @dataclass
@@ -45,38 +62,54 @@ class _Decoded:
 
 
 class SmallVAE(nn.Module):
-    def __init__(self, in_channels: int = 3, latent_channels: int = 4, width: int = 64, depth: int = 1):
+    def __init__(self, in_channels: int = 3, latent_channels: int = 8, width: int = 64, depth: int = 1,
+                 factor: int = 4):
         super().__init__()
         self.config = dict(_class_name=CLASS_NAME, in_channels=in_channels, latent_channels=latent_channels,
-                           width=width, depth=depth)
-        half = width // 2
-        self.factor = 4
-        self.encoder = nn.Sequential(
-            nn.Conv2d(in_channels, half, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(half, width, 3, stride=2, padding=1), nn.SiLU(),  # H/2
-            nn.Conv2d(width, width, 3, stride=2, padding=1),  # H/4: the latent grid
-            *[ResBlock(width) for _ in range(depth)], nn.SiLU(), nn.Conv2d(width, 2 * latent_channels, 3, padding=1),
-        )
-        # Start with a near-deterministic posterior (std e^-3 ≈ 0.05): with logvar ≈ 0 the unit-variance sample
-        # noise swamps the untrained means, and the tiny KL weight takes thousands of steps to shrink it.
-        nn.init.constant_(self.encoder[-1].bias[latent_channels:], -6.0)
-        self.decoder = nn.Sequential(
-            nn.Conv2d(latent_channels, width, 3, padding=1), *[ResBlock(width) for _ in range(depth + 1)], nn.SiLU(),
-            nn.Upsample(scale_factor=2), nn.Conv2d(width, half, 3, padding=1), nn.SiLU(),
-            nn.Upsample(scale_factor=2), nn.Conv2d(half, half, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(half, in_channels, 3, padding=1),
-        )
+                           width=width, depth=depth, factor=factor)
+        self.factor, self.latent_channels = factor, latent_channels
+        patch_dim = in_channels * factor * factor
+        self.encoder_proj = nn.Conv2d(patch_dim, 2 * latent_channels, 1)  # [mean | logvar] of each patch
+        self.encoder = correction(patch_dim, 2 * latent_channels, width, depth)
+        self.decoder_proj = nn.Conv2d(latent_channels, patch_dim, 1)
+        self.decoder = correction(latent_channels, patch_dim, width, depth)
+        nn.init.constant_(self.encoder_proj.bias[latent_channels:], INITIAL_LOGVAR)
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor) -> torch.Tensor:
+        """Set the linear projections to the whitened PCA of the patches of `images` (N, 3, H, W) in [-1, 1]:
+        the encoder maps a patch to its top principal components divided by their standard deviations
+        (unit-variance latent channels), the decoder maps back. Returns the kept eigenvalues."""
+        patches = F.pixel_unshuffle(images.float(), self.factor)
+        patches = patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1]).double()
+        if len(patches) <= patches.shape[1]:
+            raise ValueError(f"init_from_data needs more than {patches.shape[1]} patches, got {len(patches)}")
+        mean = patches.mean(0)
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov((patches - mean).T))  # ascending
+        eigenvalues = eigenvalues.flip(0)[: self.latent_channels].clamp_min(1e-8)
+        basis = eigenvectors.flip(1)[:, : self.latent_channels]  # (patch_dim, C)
+        std = eigenvalues.sqrt()
+        to_latent = (basis / std).T  # (C, patch_dim)
+        c = self.latent_channels
+        self.encoder_proj.weight.zero_()
+        self.encoder_proj.weight[:c, :, 0, 0] = to_latent.float()
+        self.encoder_proj.bias[:c] = (-to_latent @ mean).float()
+        self.encoder_proj.bias[c:] = INITIAL_LOGVAR
+        self.decoder_proj.weight[:, :, 0, 0] = (basis * std).float()
+        self.decoder_proj.bias.copy_(mean.float())
+        return eigenvalues.float()
+
     def encode(self, x: torch.Tensor) -> _Encoded:
         """x: (N, 3, H, W) in [-1, 1] -> posterior over (N, C, H/f, W/f); `.parameters` = [mean | logvar]."""
-        return _Encoded(DiagonalGaussianDistribution(self.encoder(x)))
+        patches = F.pixel_unshuffle(x, self.factor)
+        return _Encoded(DiagonalGaussianDistribution(self.encoder_proj(patches) + self.encoder(patches)))
 
     def decode(self, z: torch.Tensor) -> _Decoded:
-        return _Decoded(self.decoder(z))
+        return _Decoded(F.pixel_shuffle(self.decoder_proj(z) + self.decoder(z), self.factor))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
         """Training pass: reconstruction from a posterior sample, and the posterior (for its KL)."""
@@ -96,7 +129,11 @@ class SmallVAE(nn.Module):
         if config.pop("_class_name", None) != CLASS_NAME:
             raise ValueError(f"{folder} does not hold a usp small VAE (config.json _class_name != {CLASS_NAME})")
         model = cls(**config)
-        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
+        try:
+            model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"{folder} holds a small VAE of another layout (from an older usp?); "
+                             f"retrain it with `usp train-vae`.\n{error}") from None
         return model
 
 

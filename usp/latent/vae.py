@@ -30,7 +30,7 @@ LATENT_SPACES: dict[str, LatentSpec] = {
     "sd-vae-ft-ema": LatentSpec(4, 8, 0.18215, default_path="stabilityai/sd-vae-ft-ema"),
     "sd-vae-ft-mse": LatentSpec(4, 8, 0.18215, default_path="stabilityai/sd-vae-ft-mse"),
     "kl16": LatentSpec(16, 16, 0.2325, kind="ldm"),
-    "small-f4": LatentSpec(4, 4, None),  # `usp train-vae` output, for 32×32 data such as Fashion-MNIST
+    "small-f4": LatentSpec(8, 4, None),  # `usp train-vae` output, for 32×32 data such as Fashion-MNIST
 }
 
 STATS_FILE = "latent_stats.json"
@@ -57,7 +57,7 @@ F4_AUTOENCODER_CONFIG = dict(
     up_block_types=["UpDecoderBlock2D"] * 3,
     block_out_channels=[16, 32, 64],
     layers_per_block=1,
-    latent_channels=4,
+    latent_channels=8,
     norm_num_groups=8,
     sample_size=32,
 )
@@ -119,6 +119,11 @@ class LatentSpace(nn.Module):
         self.name, self.vae, self.scale, self.shift = name, vae.eval().requires_grad_(False), scale, shift
         spec = spec_of(name)
         self.channels, self.factor = spec.channels, spec.factor
+        vae_channels = vae.config["latent_channels"]
+        if vae_channels != spec.channels:
+            raise ValueError(f"this VAE has {vae_channels} latent channels but latent space {name!r} has "
+                             f"{spec.channels}; use a VAE made for {name!r} (for small-f4: `usp train-vae` with "
+                             f"vae.latent_channels={spec.channels})")
 
     @classmethod
     def load(cls, name: str, path: str | None = None) -> LatentSpace:

@@ -127,7 +127,11 @@ class VAETask:
         dc = config.data
         transform = build_transform(dc.image_size, "center", hflip=dc.hflip, normalize="half")
         self.train_set = build_image_dataset(dc.source, dc.root, dc.split, transform, dc.limit, dc.download)
-        self.model = SmallVAE(width=config.vae.width, depth=config.vae.depth)
+        vc = config.vae
+        self.model = SmallVAE(latent_channels=vc.latent_channels, width=vc.width, depth=vc.depth)
+        if vc.init_images:  # a resumed run overwrites this with its checkpoint
+            count = min(vc.init_images, len(self.train_set))
+            self.model.init_from_data(torch.stack([self.train_set[i]["image"] for i in range(count)]))
 
     def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"]
