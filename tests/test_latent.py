@@ -104,15 +104,17 @@ def test_cache_equals_on_the_fly_latents_and_resumes(tiny_vae_dir, tmp_path):
         assert item["label"] == int(dataset.labels[index])
         plain = moments_to_latents(item["moments"][0:1], latent.scale, latent.shift)
         flipped = moments_to_latents(item["moments"][1:2], latent.scale, latent.shift)
-        assert torch.allclose(plain, latent.encode(image), atol=1e-5)  # batched vs single-image conv: float32 rounding
-        assert torch.allclose(flipped, latent.encode(image.flip(-1)), atol=1e-5)  # batched vs single-image conv: float32 rounding
+        # atol: a batch of 4 and a single image take different float32 convolution paths.
+        assert torch.allclose(plain, latent.encode(image), atol=1e-5)
+        assert torch.allclose(flipped, latent.encode(image.flip(-1)), atol=1e-5)
 
 
 def test_interrupted_cache_resumes_from_done(tiny_vae_dir, tmp_path):
     latent = LatentSpace.load("small-f4", str(tiny_vae_dir))
     dataset = FashionMNISTDataset(split="train", transform=build_transform(32, "center", hflip=False), limit=8)
     path = build_cache(dataset, latent, 32, tmp_path, "train", batch_size=4, progress=False)
-    full = np.array(np.memmap(path, dtype=np.float32, mode="r", offset=4096, shape=(8 * 2 * 2 * latent.channels * 8 * 8,)))
+    floats = 8 * 2 * 2 * latent.channels * 8 * 8  # images × (plain, flipped) × [mean | logvar] × 8×8
+    full = np.array(np.memmap(path, dtype=np.float32, mode="r", offset=4096, shape=(floats,)))
     # Pretend the run died after the first batch: mark done=4 and scribble over the rest.
     header = read_header(path)
     header["done"] = 4
