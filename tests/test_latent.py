@@ -65,9 +65,10 @@ def test_small_vae_with_other_channels_is_refused_for_small_f4(tmp_path):
         LatentSpace.load("small-f4", str(tmp_path / "v"))
 
 
-def test_small_vae_starts_as_the_whitened_patch_pca():
-    """After init_from_data the code of the init images is white (mean 0, covariance I), the posterior
-    std is e^-3, and decode(mean) is the rank-8 PCA reconstruction of each 4×4 patch (numpy SVD)."""
+def test_small_vae_starts_as_the_patch_pca():
+    """After init_from_data the code of the init images has mean 0 and covariance diag(λ)/mean(λ) for the
+    top-8 patch-covariance eigenvalues λ, the posterior std is e^-3, and decode(mean) is the rank-8 PCA
+    reconstruction of each 4×4 patch (numpy SVD)."""
     generator = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.avg_pool2d(torch.rand(64, 3, 34, 34, generator=generator), 3, stride=1)
     images = smooth * 2 - 1  # correlated pixels, so the spectrum is not flat
@@ -77,12 +78,14 @@ def test_small_vae_starts_as_the_whitened_patch_pca():
     posterior = vae.encode(images).latent_dist
     code = posterior.mean.permute(0, 2, 3, 1).reshape(-1, 8).double()
     assert code.mean(0).abs().max() < 1e-4
-    assert torch.allclose(torch.cov(code.T), torch.eye(8, dtype=torch.float64), atol=1e-3)
+    expected_cov = torch.diag(eigenvalues.double() / eigenvalues.double().mean())
+    assert torch.allclose(torch.cov(code.T), expected_cov, atol=1e-3)
     assert torch.allclose(posterior.std, torch.full_like(posterior.std, np.exp(-3.0)))
 
     patches = images.reshape(64, 3, 8, 4, 8, 4).permute(0, 2, 4, 1, 3, 5).reshape(-1, 48).numpy().astype(np.float64)
     centred = patches - patches.mean(0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    assert np.allclose(eigenvalues.numpy(), singular[:8] ** 2 / (len(patches) - 1), rtol=1e-4)
     expected = centred @ vt[:8].T @ vt[:8] + patches.mean(0)
     expected = torch.from_numpy(expected).reshape(64, 8, 8, 3, 4, 4).permute(0, 3, 1, 4, 2, 5).reshape(64, 3, 32, 32)
     assert torch.allclose(vae.decode(posterior.mean).sample.double(), expected, atol=1e-4)

@@ -26,7 +26,7 @@ GENERATORS = ("dit_usp", "dit_scratch", "sit_usp", "sit_scratch")
 # Budgets: (full, quick). The quick run checks the plumbing end to end; its numbers mean little.
 BUDGET = {
     "images": (None, 2000),  # train images used by every stage (the test split is capped at a quarter)
-    "vae_steps": (300, 15),
+    "vae_steps": (200, 15),
     "pretrain_steps": (300, 10),
     "finetune_steps": (250, 8),
     "eval_every": (50, 4),
@@ -154,9 +154,9 @@ class Demo:
         train_x, train_y = load_fashion_mnist(None, "train")
         test_x, test_y = load_fashion_mnist(None, "test")
         start = time.perf_counter()
-        raw = logistic_regression(torch.from_numpy(train_x[:limit].reshape(len(train_x[:limit]), -1)).float(),
-                                  torch.from_numpy(train_y[:limit]), torch.from_numpy(test_x.reshape(len(test_x), -1))
-                                  .float(), torch.from_numpy(test_y))
+        pixels = lambda x: torch.tensor(x.reshape(len(x), -1), dtype=torch.float32)  # noqa: E731 (a copy: x is read-only)
+        raw = logistic_regression(pixels(train_x[:limit]), torch.tensor(train_y[:limit]), pixels(test_x),
+                                  torch.tensor(test_y))
         results["raw_pixels"] = {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start}
         return results
 

@@ -77,7 +77,7 @@ def write_report(out: Path, results: dict, quick: bool, seed: int) -> Path:
              "same engine and commands a user runs on ImageNet.", "",
              "## Stages", "", "| stage | wall time (s) | result |", "| --- | --- | --- |"]
     vae, domain, pre = results["vae"], results["domain"], results["pretrain"]
-    lines.append(f"| small VAE (f4, 4 ch) | {vae['seconds']} | test PSNR {vae['psnr_test']:.2f} dB |")
+    lines.append(f"| small VAE (f4, 8 ch) | {vae['seconds']} | test PSNR {vae['psnr_test']:.2f} dB |")
     lines.append(f"| latent cache | {results['cache']['seconds']} | {results['cache']['train']} train + "
                  f"{results['cache']['test']} test images, plain + flipped |")
     lines.append(f"| domain classifier | {domain['seconds']} | test accuracy {100 * domain['test_accuracy']:.1f}% |")

@@ -17,6 +17,7 @@ Deviations from ADM's numerics, each smaller than the sampling noise of a 50K-sa
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -96,7 +97,11 @@ def frechet_distance(
 
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
     """tr sqrtm(sigma1 sigma2) exactly as ADM's `FIDStatistics.frechet_distance`."""
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():
+        # Covariances of fewer samples than feature dimensions are singular: scipy warns, the result is
+        # still checked below (finite, real diagonal), as ADM does.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         log.warning("Fréchet distance: singular product of covariances; adding %g to their diagonals", eps)
         offset = np.eye(sigma1.shape[0]) * eps
