@@ -14,6 +14,6 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 if ! .venv/bin/python -c "import usp, torch, torchvision, pytest" >/dev/null 2>&1; then
-  .venv/bin/pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+  .venv/bin/pip install -q --no-compile --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+  .venv/bin/pip install -q --no-compile --disable-pip-version-check -e ".[test]"
 fi

@@ -25,7 +25,8 @@ GENERATORS = ("dit_usp", "dit_scratch", "sit_usp", "sit_scratch")
 
 # Budgets: (full, quick). The quick run checks the plumbing end to end; its numbers mean little.
 BUDGET = {
-    "images": (None, 2000),  # train images used by every stage (the test split is capped at a quarter)
+    "images": (30000, 2000),  # train images (of 60 000) cached and used by the latent stages
+    "test_images": (None, 500),  # test images cached (None: all 10 000)
     "vae_steps": (200, 15),
     "pretrain_steps": (300, 10),
     "finetune_steps": (250, 8),
@@ -97,8 +98,7 @@ class Demo:
         transform = build_transform(32, "center", hflip=False)
         counts = {}
         for split in ("train", "test"):
-            images = self.budget("images")
-            limit = images if split == "train" or images is None else images // 4
+            limit = self.budget("images" if split == "train" else "test_images")
             dataset = build_image_dataset("fashion_mnist", None, split, transform, limit=limit)
             build_cache(dataset, latent, 32, self.latents, split, batch_size=500, progress=False)
             counts[split] = len(dataset)
