@@ -224,3 +224,6 @@ def test_domain_classifier_round_trip_and_metrics(tmp_path):
     mu, sigma = compute_statistics(evaluator.features(real))
     assert abs(same["domain_fd"]) < 1e-3 and math.isnan(same["class_agreement"])
     assert mu.shape == (128,) and sigma.shape == (128, 128)
+    # Precomputed real statistics (what fine-tuning evaluation reuses) give the same figures as real images.
+    assert domain_metrics(evaluator, fake, labels[64:128], (mu, sigma)) == pytest.approx(
+        domain_metrics(evaluator, fake, labels[64:128], real))

@@ -115,7 +115,7 @@ class OptimConfig:
     warmup_epochs: float = 40.0
     layer_decay: float | None = None
     clip_grad: float | None = None
-    fused: bool | None = None  # None: fused AdamW on CUDA, foreach elsewhere
+    fused: bool | None = None  # None: fused AdamW (CUDA and CPU kernels); False: torch's foreach loop
 
 
 @dataclass

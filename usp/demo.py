@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from usp.config import Config, load_config
@@ -114,7 +115,7 @@ class Demo:
     def pretrain(self) -> dict:
         from usp.reconstruct import reconstruct_grid
         from usp.train.checkpoint import latest_weights
-        from usp.train.engine import train
+        from usp.train.engine import read_log, train
         from usp.train.tasks import build_task
 
         config = self.recipe("pretrain", *self.latent_overrides(), f"train.max_steps={self.budget('pretrain_steps')}")
@@ -122,12 +123,12 @@ class Demo:
         weights = latest_weights(config.run_dir / "checkpoints")
         reconstruct_grid(weights, self.out / "restoration.png", num_images=10,
                          overrides=[f"latent.path={self.vae_dir}"])
-        history = _history(config.run_dir)
+        history, _ = read_log(config.run_dir)
         return {"weights": str(weights), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
                 "steps": config.train.max_steps}
 
     def generate(self, name: str, usp_weights: str) -> dict:
-        from usp.train.engine import train
+        from usp.train.engine import read_log, train
         from usp.train.tasks import build_task
 
         overrides = [*self.latent_overrides(), f"train.max_steps={self.budget('finetune_steps')}",
@@ -138,7 +139,7 @@ class Demo:
             overrides.append(f"model.init={usp_weights}")
         config = self.recipe(name, *overrides)
         train(config, build_task(config), resume="auto")
-        evals = _evals(config.run_dir)
+        _, evals = read_log(config.run_dir)
         return {"run_dir": str(config.run_dir), "evals": evals, "final": evals[-1] if evals else {}}
 
     def probe(self, usp_weights: str) -> dict:
@@ -154,8 +155,7 @@ class Demo:
         train_x, train_y = load_fashion_mnist(None, "train")
         test_x, test_y = load_fashion_mnist(None, "test")
         start = time.perf_counter()
-        pixels = lambda x: torch.tensor(x.reshape(len(x), -1), dtype=torch.float32)  # noqa: E731 (a copy: x is read-only)
-        raw = logistic_regression(pixels(train_x[:limit]), torch.tensor(train_y[:limit]), pixels(test_x),
+        raw = logistic_regression(_pixels(train_x[:limit]), torch.tensor(train_y[:limit]), _pixels(test_x),
                                   torch.tensor(test_y))
         results["raw_pixels"] = {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start}
         return results
@@ -179,14 +179,9 @@ class Demo:
         return write_report(self.out, results, quick=self.quick, seed=self.seed)
 
 
-def _history(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def _evals(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return [{"step": r["step"], **r["eval"]} for r in map(json.loads, lines) if "eval" in r]
+def _pixels(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, H·W) float32, copied (the IDX arrays are read-only memory maps)."""
+    return torch.tensor(images.reshape(len(images), -1), dtype=torch.float32)
 
 
 def run_demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0) -> Path:

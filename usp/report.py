@@ -11,14 +11,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from usp.train.engine import read_log  # noqa: E402
+
 NOISE = 0.05  # relative domain-FD gaps below this are not read as a difference (a few hundred samples)
 LABELS = {"dit_usp": "DiT from USP", "dit_scratch": "DiT from scratch", "sit_usp": "SiT from USP",
           "sit_scratch": "SiT from scratch"}
-
-
-def _records(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r], [{"step": r["step"], **r["eval"]} for r in rows if "eval" in r]
 
 
 def _plot(path: Path, series: dict[str, tuple[list, list]], ylabel: str, title: str) -> None:
@@ -56,7 +53,7 @@ def write_report(out: Path, results: dict, quick: bool, seed: int) -> Path:
     """Write out/report.md (and its PNGs) from the demo's stage results; returns the report path."""
     figures = {}
     generators = [name for name in LABELS if name in results]
-    runs = {name: _records(Path(results[name]["run_dir"])) for name in generators}
+    runs = {name: read_log(Path(results[name]["run_dir"])) for name in generators}
     for family in ("dit", "sit"):
         names = [n for n in generators if n.startswith(family)]
         if not names:
@@ -67,7 +64,7 @@ def write_report(out: Path, results: dict, quick: bool, seed: int) -> Path:
               for n in names}
         _plot(out / f"{family}_domain_fd.png", fd, "domain FD (lower is better)", f"{family.upper()} sample quality")
         figures[family] = names
-    pre_history, _ = _records(Path(results["pretrain"]["weights"]).parent.parent)
+    pre_history, _ = read_log(Path(results["pretrain"]["weights"]).parent.parent)
     _plot(out / "pretrain_loss.png", {"USP pretraining": ([r["step"] for r in pre_history],
                                                           [r["loss"] for r in pre_history])},
           "masked-latent MSE (norm-pix)", "USP pretraining loss")

@@ -172,6 +172,10 @@ class DomainEvaluator:
         """Penultimate activations (N, 128) float32 of images (see `_as_model_input` for accepted forms)."""
         return self._run(images, self.model.features, batch_size).numpy()
 
+    def statistics(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and covariance of the features of `images`: one side of the domain Fréchet distance."""
+        return compute_statistics(self.features(images))
+
     def predict(self, images: np.ndarray | torch.Tensor, batch_size: int = 1000) -> np.ndarray:
         """Predicted class (N,) int64."""
         return self._run(images, self.model, batch_size).argmax(1).numpy()
@@ -181,13 +185,13 @@ def domain_metrics(
     evaluator: DomainEvaluator,
     fake_images: np.ndarray | torch.Tensor,
     fake_labels: np.ndarray | torch.Tensor | None,
-    real_images: np.ndarray | torch.Tensor,
+    real: np.ndarray | torch.Tensor | tuple[np.ndarray, np.ndarray],
 ) -> dict[str, float]:
     """`domain_fd`: Fréchet distance of the classifier's features, fake vs real (NOT comparable to Inception
     FID); `class_agreement`: fraction of fake images the classifier assigns to the label they were generated for
-    (NaN without labels)."""
-    mu_f, sigma_f = compute_statistics(evaluator.features(fake_images))
-    mu_r, sigma_r = compute_statistics(evaluator.features(real_images))
+    (NaN without labels). `real` is images, or their `evaluator.statistics` when they are reused across calls."""
+    mu_f, sigma_f = evaluator.statistics(fake_images)
+    mu_r, sigma_r = real if isinstance(real, tuple) else evaluator.statistics(real)
     agreement = float("nan")
     if fake_labels is not None:
         labels = np.asarray(fake_labels).reshape(-1)

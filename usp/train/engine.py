@@ -93,6 +93,12 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def read_log(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """A run's log.jsonl as (training records, evaluations flattened to {"step", **metrics})."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [{"step": r["step"], **r["eval"]} for r in rows if "eval" in r]
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 

@@ -238,20 +238,16 @@ class FinetuneTask:
         save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", nrow=classes)
         if not (gen.eval_samples and gen.domain_classifier):
             return {}
-        from usp.evaluate.domain import DomainEvaluator
-        from usp.evaluate.metrics import compute_statistics, frechet_distance
+        from usp.evaluate.domain import DomainEvaluator, domain_metrics
 
         if self._domain is None:  # the real side is fixed: its statistics are computed once
             from usp.data.fashion_mnist import load_fashion_mnist, to_rgb32
 
             self._domain = DomainEvaluator.load(gen.domain_classifier)
-            real = to_rgb32(load_fashion_mnist(self.config.data.root, "test")[0])
-            self._real_stats = compute_statistics(self._domain.features(real))
+            self._real_stats = self._domain.statistics(to_rgb32(load_fashion_mnist(self.config.data.root, "test")[0]))
         fake, labels = sample_images(model, self.decode, gen, list(range(gen.eval_samples)), seed + 10**7,
                                      self.config.model.num_classes, True, self.latent_shape, batch_size=250)
-        return {"domain_fd": float(frechet_distance(*compute_statistics(self._domain.features(fake)),
-                                                    *self._real_stats)),
-                "class_agreement": float((self._domain.predict(fake) == labels).mean())}
+        return domain_metrics(self._domain, fake, labels, self._real_stats)
 
 
 def build_classifier(config: Config, latent_size: int, channels: int) -> nn.Module:
