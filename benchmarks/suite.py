@@ -409,10 +409,10 @@ def _timing_note(ctx: Context, what: str = "steps") -> str:
 
 
 def _pretrain_rows(ctx: Context, naive: ModuleType, name: str, batch: int | None) -> list[list[str]]:
-    from usp.models.mae import build_mae
+    from usp.models import create_model
 
     torch.manual_seed(0)
-    model = build_mae(name, latent_size=LATENT["side"], in_channels=LATENT["channels"]).to(ctx.device)
+    model = create_model(name, latent_size=LATENT["side"], in_channels=LATENT["channels"]).to(ctx.device)
     ref = naive.NaiveMAE.from_usp(model).to(ctx.device)  # before any step: the same weights
     n_usp, n_ref = (sum(p.numel() for p in m.parameters()) for m in (model, ref))
     if n_usp != n_ref:
@@ -451,10 +451,10 @@ def bench_pretrain(ctx: Context) -> str:
 
 def _finetune_rows(ctx: Context, naive: ModuleType, name: str, batch: int | None) -> list[list[str]]:
     from usp.diffusion import create_diffusion, create_transport
-    from usp.models.dit import build_dit
+    from usp.models import create_model
 
     torch.manual_seed(0)
-    model = randomise_zero_init(build_dit(name, input_size=LATENT["side"])).to(ctx.device)
+    model = randomise_zero_init(create_model(name, input_size=LATENT["side"])).to(ctx.device)
     ref = naive.NaiveDiT.from_usp(model).to(ctx.device)
     sit = name.startswith("sit")
     diffusion, transport = create_diffusion(None), create_transport()
@@ -526,14 +526,14 @@ class NetworkClock:
 def bench_sampling(ctx: Context) -> str:
     """Images/s of usp's samplers, and the share of their time spent outside the network (sampler overhead)."""
     from usp.diffusion import create_diffusion, create_transport, ddim_sample_loop, p_sample_loop, sample_ode
-    from usp.generate import guided_model_fn
-    from usp.models.dit import build_dit
+    from usp.models import create_model
+    from usp.sample.guided import guided_model_fn
 
     s = ctx.sizes
     torch.manual_seed(0)
     dit_name, sit_name = s.samplers
-    dit = randomise_zero_init(build_dit(dit_name, input_size=LATENT["side"])).to(ctx.device).eval()
-    sit = randomise_zero_init(build_dit(sit_name, input_size=LATENT["side"])).to(ctx.device).eval()
+    dit = randomise_zero_init(create_model(dit_name, input_size=LATENT["side"])).to(ctx.device).eval()
+    sit = randomise_zero_init(create_model(sit_name, input_size=LATENT["side"])).to(ctx.device).eval()
     clocks = {dit_name: NetworkClock(dit, ctx.device), sit_name: NetworkClock(sit, ctx.device)}
     b = s.sample_batch
     gen = torch.Generator().manual_seed(0)
@@ -636,8 +636,8 @@ def bench_data(ctx: Context) -> str:
     from usp.config import load_config
     from usp.data.sampler import ResumableSampler, SeededDataset
     from usp.latent.cache import build_cache
+    from usp.latent.data import LatentData
     from usp.latent.vae import LatentSpace
-    from usp.train.tasks import LatentData
 
     s = ctx.sizes
     with tempfile.TemporaryDirectory() as folder:
@@ -828,13 +828,13 @@ def _switch_block(ctx: Context, rows: Rows) -> None:
 
 def _switch_optim(ctx: Context, rows: Rows) -> None:
     """AdamW for-loop / foreach / fused / as usp builds it, and the EMA update, over the ViT-S/2 MAE's parameters."""
-    from usp.models.mae import build_mae
+    from usp.models import create_model
     from usp.train.engine import update_ema
     from usp.train.optim import build_optimizer, param_groups
 
     torch.manual_seed(0)
-    model = build_mae("vit_s_2", latent_size=LATENT["side"], in_channels=LATENT["channels"]).to(ctx.device)
-    ema = build_mae("vit_s_2", latent_size=LATENT["side"], in_channels=LATENT["channels"]).to(ctx.device)
+    model = create_model("vit_s_2", latent_size=LATENT["side"], in_channels=LATENT["channels"]).to(ctx.device)
+    ema = create_model("vit_s_2", latent_size=LATENT["side"], in_channels=LATENT["channels"]).to(ctx.device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3 if p.requires_grad else None
 

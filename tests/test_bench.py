@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import suite as bench  # noqa: E402
 
 from usp.diffusion import create_diffusion
-from usp.models.dit import DiT, build_dit
-from usp.models.mae import MaskedLatentAutoencoder, build_mae
+from usp.models import create_model
+from usp.models.dit import DiT
+from usp.models.mae import MaskedLatentAutoencoder
 
 naive = bench.reference_models()
 
@@ -33,7 +34,7 @@ def tiny_dit(**kwargs) -> DiT:
 
 def test_naive_mae_computes_usps_loss_from_the_same_weights():
     torch.manual_seed(0)
-    model = build_mae("vit_t_2", latent_size=8, in_channels=4)
+    model = create_model("vit_t_2", latent_size=8, in_channels=4)
     ref = naive.NaiveMAE.from_usp(model)
     assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in model.parameters())
     x, noise = torch.randn(3, 4, 8, 8), torch.rand(3, 16)
@@ -48,7 +49,7 @@ def test_naive_mae_computes_usps_loss_from_the_same_weights():
 @pytest.mark.parametrize("affine_norms", [False, True])
 def test_naive_dit_computes_usps_output_and_loss(name, affine_norms):
     torch.manual_seed(0)
-    model = bench.randomise_zero_init(build_dit(name, input_size=8, affine_norms=affine_norms))
+    model = bench.randomise_zero_init(create_model(name, input_size=8, affine_norms=affine_norms))
     ref = naive.NaiveDiT.from_usp(model)
     assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in model.parameters())
     x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([1, 2, 3, 4])

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from usp.models.dit import MODELS, DiT, DiTBlock, LabelEmbedder, TimestepEmbedder, build_dit
+from usp.models import create_model, list_models
+from usp.models.dit import DiT, DiTBlock, LabelEmbedder, TimestepEmbedder
 from usp.models.vit import sincos_2d
 
 # Written out from DiT Table 1 (and our tiny size), not read from the module under test.
@@ -19,7 +20,7 @@ TEST_SIZE = dict(hidden_size=192, depth=4, num_heads=3)  # fixed here, whatever 
 
 
 def tiny(**overrides) -> DiT:
-    return build_dit("dit_t_2", input_size=8, num_classes=10, **{**TEST_SIZE, **overrides})
+    return create_model("dit_t_2", input_size=8, num_classes=10, **{**TEST_SIZE, **overrides})
 
 
 def randomise_(model: torch.nn.Module, seed: int = 0) -> None:
@@ -149,9 +150,9 @@ def test_fresh_model_predicts_zero_and_pos_embed_is_fixed_sincos():
 
 
 def test_forward_backward_every_tiny_variant_is_finite():
-    for name in [n for n in MODELS if "_t_" in n]:
+    for name in [n for n in list_models() if n.startswith(("dit", "sit")) and "_t_" in n]:
         torch.manual_seed(0)
-        model = build_dit(name, input_size=8, num_classes=10)
+        model = create_model(name, input_size=8, num_classes=10)
         randomise_(model)
         x = torch.randn(2, 4, 8, 8)
         out = model(x, torch.rand(2), torch.tensor([0, 9]))
@@ -164,7 +165,7 @@ def test_sit_forward_is_the_first_half_of_dit_forward():
     torch.manual_seed(0)
     dit = tiny().eval()
     randomise_(dit)
-    sit = build_dit("sit_t_2", input_size=8, num_classes=10, **TEST_SIZE).eval()
+    sit = create_model("sit_t_2", input_size=8, num_classes=10, **TEST_SIZE).eval()
     sit.load_state_dict(dit.state_dict(), strict=True)  # same checkpoint layout
     x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
     full, sit_out = dit(x, t, y), sit(x, t, y)
@@ -232,7 +233,7 @@ def test_cfg_rejects_odd_batch():
 
 def test_dit_xl_2_has_the_public_checkpoint_layout():
     with torch.device("meta"):  # 675M parameters: shapes only, no memory
-        model = build_dit("dit_xl_2", input_size=32)
+        model = create_model("dit_xl_2", input_size=32)
     assert layout_of(model) == public_layout(28, 1152, 2, 4, 8, 256, 1000)
     assert sum(p.numel() for p in model.parameters()) == 675_129_632  # the paper's "675M" for DiT-XL/2
 
@@ -248,16 +249,16 @@ def test_public_layout_state_dict_loads_strictly():
 
 def test_usp_vae_simple_layout_adds_affine_block_norms():
     with torch.device("meta"):
-        model = build_dit("dit_b_2", input_size=32, affine_norms=True)
+        model = create_model("dit_b_2", input_size=32, affine_norms=True)
     assert layout_of(model) == public_layout(12, 768, 2, 4, 8, 256, 1000, affine_norms=True)
     assert model.blocks[0].norm1.eps == 1e-6 and model.final_layer.norm_final.weight is None
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list_models("dit") + list_models("sit"))
 def test_registry_variant_sizes(name):
     family, size, patch = name.split("_")
     with torch.device("meta"):
-        model = build_dit(name, input_size=32)
+        model = create_model(name, input_size=32)
     width, depth, heads = EXPECTED_SIZES[size]
     assert (model.hidden_size, model.depth, model.blocks[0].attn.num_heads) == (width, depth, heads)
     assert model.patch_size == int(patch) and model.out_channels == 8
@@ -267,7 +268,7 @@ def test_registry_variant_sizes(name):
 
 def test_unknown_variant_lists_the_choices():
     with pytest.raises(ValueError, match="dit_xl_2.*sit_s_8"):
-        build_dit("DiT-XL/2")
+        create_model("DiT-XL/2")
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["public-dit-xl-2", "usp-vae-simple-dit-xl-2"])
@@ -278,7 +279,7 @@ def test_xl_2_checkpoint_layouts_load_strictly(affine):
     shapes = public_layout(28, 1152, 2, 4, 8, 256, 1000, affine_norms=affine)
     state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     with torch.device("meta"):
-        model = build_dit("dit_xl_2", input_size=32, affine_norms=affine)
+        model = create_model("dit_xl_2", input_size=32, affine_norms=affine)
     result = model.load_state_dict(state, strict=True, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
     wrong = dict(state)

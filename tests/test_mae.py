@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from usp.models.mae import MaskedLatentAutoencoder, build_mae, normalized_patch_targets, random_masking
+from usp.models import create_model
+from usp.models.mae import MaskedLatentAutoencoder, normalized_patch_targets, random_masking
 from usp.models.vit import patchify, sincos_2d, unpatchify
 
 
@@ -98,7 +99,7 @@ def test_sincos_matches_mae_formula():
 
 
 def test_vit_b_2_has_the_official_key_set_and_shapes():
-    model = build_mae("vit_b_2", latent_size=32, in_channels=4)
+    model = create_model("vit_b_2", latent_size=32, in_channels=4)
     state = model.state_dict()
     L, D, Dd = 256, 768, 512
     expected = {

@@ -9,8 +9,7 @@ import torch
 
 from usp.config import load_config
 from usp.latent.vae import spec_of
-from usp.models.dit import MODELS as DIT_MODELS
-from usp.models.mae import MODELS as MAE_MODELS
+from usp.models import create_model, list_models, model_entry
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").rglob("*.yaml"))
 
@@ -29,14 +28,13 @@ def test_recipe_loads_and_names_a_registered_model(path):
     assert config.data.image_size % spec.factor == 0
     side = config.data.image_size // spec.factor
     if config.run.task == "finetune":
-        assert config.model.name in DIT_MODELS
+        assert config.model.name in list_models("dit") + list_models("sit")
         with torch.device("meta"):
-            model = DIT_MODELS[config.model.name](input_size=side, in_channels=spec.channels)
+            model = create_model(config.model.name, input_size=side, in_channels=spec.channels)
         assert model.x_embedder.proj.in_channels == spec.channels
     else:
-        assert config.model.name in MAE_MODELS
-        patch = int(config.model.name.rsplit("_", 1)[1])
-        assert side % patch == 0
+        entry = model_entry(config.model.name, ("vit", "vit_cls"))
+        assert side % entry.patch_size == 0
 
 
 def test_paper_pretraining_recipe_numbers():
@@ -45,5 +43,5 @@ def test_paper_pretraining_recipe_numbers():
     assert (config.pretrain.mask_ratio, config.optim.betas, config.optim.weight_decay) == (0.75, (0.9, 0.95), 0.05)
     assert (config.optim.warmup_epochs, config.train.epochs, config.data.crop_scale) == (40, 800, (0.2, 1.0))
     with torch.device("meta"):
-        model = MAE_MODELS[config.model.name](latent_size=224 // 8, in_channels=4)
+        model = create_model(config.model.name, latent_size=224 // 8, in_channels=4)
     assert model.num_patches == 196

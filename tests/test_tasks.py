@@ -59,7 +59,7 @@ def test_finetune_from_usp_transfers_trains_and_samples(pretrained, family):
 
 
 def test_usp_sample_writes_adm_npz_independent_of_batch_size(pretrained, tmp_path):
-    from usp.sample import run_sampling
+    from usp.sample.run import run_sampling
 
     weights, common = pretrained
     config = load_config(None, [*common, "run.task=finetune", "model.name=dit_t_2", "model.num_classes=10",

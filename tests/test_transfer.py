@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from usp.models.dit import build_dit
+from usp.models import create_model
 from usp.models.transfer import TransferReport, load_state_dict_file, transfer_weights
 from usp.models.vit import VisionTransformer, resize_pos_embed, sincos_1d, sincos_2d
 
@@ -56,7 +56,7 @@ def mae_state(dim: int, depth: int, grid: int, patch: int = 2, channels: int = 4
 
 def tiny_dit(**overrides):
     size = {"hidden_size": 192, "depth": 4, "num_heads": 3}  # fixed here, whatever the registry's "t" becomes
-    return build_dit("dit_t_2", **{"input_size": 8, "num_classes": 10, "affine_norms": True, **size, **overrides})
+    return create_model("dit_t_2", **{"input_size": 8, "num_classes": 10, "affine_norms": True, **size, **overrides})
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_vit_b2_checkpoint_into_dit_b2_at_256px():
     """USP's case: pretrained on 28x28x4 latents (14x14 tokens), fine-tuned on 32x32 (16x16 tokens)."""
     torch.manual_seed(0)
     src = mae_state(768, 12, grid=14)
-    dit = build_dit("dit_b_2", input_size=32, affine_norms=True)
+    dit = create_model("dit_b_2", input_size=32, affine_norms=True)
     report = transfer_weights(src, dit)
 
     decoder = [k for k in src if k.startswith("decoder_")]

@@ -8,18 +8,10 @@ import torch
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from usp.evaluate.probes import knn_accuracy, logistic_regression, topk_accuracy
 from usp.models.vit import VisionTransformer
 from usp.train.optim import LARS, build_optimizer, param_groups
-from usp.understanding import (
-    LinearProbeHead,
-    build_mixup,
-    extract_features,
-    knn_accuracy,
-    logistic_regression,
-    prepare_linear_probe,
-    set_probe_train_mode,
-    topk_accuracy,
-)
+from usp.train.tasks.classification import LinearProbeHead, build_mixup, prepare_linear_probe, set_probe_train_mode
 
 
 def tiny_vit(**kwargs) -> VisionTransformer:
@@ -176,11 +168,3 @@ def test_knn_weights_votes_by_similarity():
     test_x = torch.tensor([[1.0, 0.1]])
     assert knn_accuracy(train_x, train_y, test_x, torch.tensor([1]), k=3, temperature=0.07)["top1"] == 100.0
     assert knn_accuracy(train_x, train_y, test_x, torch.tensor([0]), k=3, temperature=100.0)["top1"] == 100.0
-
-
-def test_extract_features_concatenates_batches():
-    batches = [(torch.ones(3, 2, 2), torch.tensor([0, 1, 2])), (2 * torch.ones(2, 2, 2), torch.tensor([3, 4]))]
-    features, labels = extract_features(lambda x: x.flatten(1) * 10, batches)
-    assert features.shape == (5, 4) and features.dtype == torch.float32
-    torch.testing.assert_close(features[:, 0], torch.tensor([10.0, 10, 10, 20, 20]))
-    assert labels.tolist() == [0, 1, 2, 3, 4]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 TRAIN_COMMANDS = {
     "pretrain": "pretrain",
@@ -30,13 +29,11 @@ TRAIN_COMMANDS = {
 
 def _recipe(args: argparse.Namespace, task: str | None = None):
     """The resolved recipe; a training command sets run.task and refuses a recipe written for another."""
-    import yaml
-
-    from usp.config import load_config
+    from usp.config import load_config, read_recipe
 
     overrides = list(args.overrides)
     if task is not None:
-        written = (yaml.safe_load(Path(args.recipe).read_text()) or {}) if args.recipe else {}
+        written = read_recipe(args.recipe) if args.recipe else {}
         declared = (written.get("run") or {}).get("task")
         if declared not in (None, task):
             raise ValueError(f"{args.recipe} is a run.task={declared} recipe; run it with `usp "
@@ -63,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_probe_fast(args: argparse.Namespace) -> None:
-    from usp.understanding import fast_probe
+    from usp.train.tasks.classification import fast_probe
 
     config = _recipe(args, "probe")
     result = fast_probe(config)
@@ -71,7 +68,7 @@ def cmd_probe_fast(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from usp.sample import run_sampling
+    from usp.sample.run import run_sampling
 
     path = run_sampling(args.weights, args.overrides, out_dir=args.out, num_samples=args.num_samples,
                         seed=args.seed, balanced=args.balanced, batch_size=args.batch_size, model_name=args.model,
@@ -111,14 +108,14 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from usp.demo import run_demo
+    from usp.demo.pipeline import run_demo
 
     report = run_demo(args.out, quick=args.quick, seed=args.seed)
     print(f"report: {report}")
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
-    from usp.reconstruct import reconstruct_grid
+    from usp.evaluate.reconstruct import reconstruct_grid
 
     path = reconstruct_grid(args.weights, args.out, num_images=args.num_images, mask_ratio=args.mask_ratio,
                             seed=args.seed, overrides=args.overrides)

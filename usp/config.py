@@ -11,20 +11,21 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-TASKS = ("pretrain", "finetune", "probe", "classify", "vae")
+Task = Literal["pretrain", "finetune", "probe", "classify", "vae"]
+TASKS: tuple[str, ...] = typing.get_args(Task)
 
 
 @dataclass
 class RunConfig:
-    task: str = "pretrain"  # one of TASKS
+    task: Task = "pretrain"
     name: str = "run"
     out_dir: str = "runs"  # the run directory is out_dir/name
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass
@@ -37,15 +38,15 @@ class LatentConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "folder"  # folder (ImageNet layout: root/split/class/*.jpg) | fashion_mnist
+    source: Literal["folder", "fashion_mnist"] = "folder"  # folder: ImageNet layout root/split/class/*.jpg
     root: str | None = None
     split: str = "train"
     eval_split: str = "val"
     image_size: int = 256
-    crop: str = "random_resized"  # random_resized | adm_center | center
+    crop: Literal["random_resized", "adm_center", "center"] = "random_resized"
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (MAE / USP pretraining)
     hflip: bool = True
-    normalize: str = "half"  # half: mean = std = 0.5 (USP); imagenet: ImageNet mean/std (Table 11 ablation)
+    normalize: Literal["half", "imagenet"] = "half"  # half: mean = std = 0.5 (USP); imagenet: Table 11 ablation
     limit: int | None = None  # use only the first N images (tiny recipes, debugging)
     num_workers: int = 4
     download: bool = False  # allow torchvision to download Fashion-MNIST when it is not installed
@@ -56,7 +57,7 @@ class ModelConfig:
     name: str = "vit_b_2"  # a registry key: vit_*, dit_*, sit_*
     init: str | None = None  # pretrained USP checkpoint to transfer from (finetune/probe/classify)
     init_blocks: int | None = None  # transfer only the first N blocks
-    pos_interpolation: str = "bicubic"  # bicubic | bilinear, when the position grid is resized
+    pos_interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # when the position grid is resized
     num_classes: int = 1000
     global_pool: bool = True  # classifier: mean of patch tokens (True) or cls token (False)
     drop_path: float = 0.0
@@ -74,22 +75,23 @@ class PretrainConfig:
 
 @dataclass
 class GenerationConfig:
-    method: str = "ddpm"  # ddpm (DiT) | transport (SiT)
+    method: Literal["ddpm", "transport"] = "ddpm"  # ddpm (DiT) | transport (SiT)
     learn_sigma: bool = True
-    path: str = "linear"  # transport: linear | gvp | vp
-    prediction: str = "velocity"  # transport: velocity | score | noise
-    loss_weight: str | None = None  # transport: None | velocity | likelihood
+    path: Literal["linear", "gvp", "vp"] = "linear"  # transport
+    prediction: Literal["velocity", "score", "noise"] = "velocity"  # transport
+    loss_weight: Literal["velocity", "likelihood"] | None = None  # transport
     train_eps: float | None = None
     sample_eps: float | None = None
-    sampler: str = "ddpm"  # ddpm | ddim (method ddpm); ode | sde (method transport)
+    sampler: Literal["ddpm", "ddim", "ode", "sde"] = "ddpm"  # ddpm | ddim (method ddpm); ode | sde (transport)
     sample_steps: str = "250"  # ddpm/ddim respacing ("250", "ddim50"); ode: "dopri5" or a step count for euler/heun
-    ode_method: str = "dopri5"  # dopri5 | euler | heun
+    ode_method: Literal["dopri5", "euler", "heun"] = "dopri5"
     cfg_scale: float = 4.0
     guided_channels: int | None = 3  # public DiT guides the first 3 channels; None = all channels
     eval_samples: int = 0  # class-balanced samples generated at each train.eval_every (0: only a grid)
     grid_classes: int = 10  # the sample grid shows this many classes × grid_per_class
     grid_per_class: int = 4
     domain_classifier: str | None = None  # domain FD + class agreement at eval (NOT Inception FID)
+    domain_reference: str | None = None  # the real images of that FD: an ADM-format NPZ (arr_0 uint8 N×H×W×3)
 
 
 @dataclass
@@ -104,14 +106,14 @@ class VaeConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | lars | sgd
+    name: Literal["adamw", "lars", "sgd"] = "adamw"
     blr: float | None = 1.5e-4  # base lr: lr = blr * global_batch / 256
     lr: float | None = None  # absolute lr; overrides blr when set
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     momentum: float = 0.9
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: float = 40.0
     layer_decay: float | None = None
     clip_grad: float | None = None
@@ -133,7 +135,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
     global_batch: int = 4096
     accum_steps: int = 1
-    amp: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     ema_decay: float | None = None
     compile: bool = False
     ckpt_every: int = 1000  # steps
@@ -158,19 +160,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> Config:
-        _choice("run.task", self.run.task, TASKS)
-        _choice("run.device", self.run.device, ("auto", "cpu", "cuda"))
-        _choice("data.source", self.data.source, ("folder", "fashion_mnist"))
-        _choice("data.crop", self.data.crop, ("random_resized", "adm_center", "center"))
-        _choice("data.normalize", self.data.normalize, ("half", "imagenet"))
-        _choice("model.pos_interpolation", self.model.pos_interpolation, ("bicubic", "bilinear"))
-        _choice("generation.method", self.generation.method, ("ddpm", "transport"))
         samplers = ("ddpm", "ddim") if self.generation.method == "ddpm" else ("ode", "sde")
         _choice("generation.sampler", self.generation.sampler, samplers)
-        _choice("generation.ode_method", self.generation.ode_method, ("dopri5", "euler", "heun"))
-        _choice("optim.name", self.optim.name, ("adamw", "lars", "sgd"))
-        _choice("optim.schedule", self.optim.schedule, ("cosine", "constant"))
-        _choice("train.amp", self.train.amp, ("auto", "bf16", "fp16", "fp32"))
         if not 0.0 <= self.pretrain.mask_ratio < 1.0:
             raise ValueError(f"pretrain.mask_ratio must be in [0, 1), got {self.pretrain.mask_ratio}")
         if not 0.0 < self.pretrain.noise_alpha_min <= 1.0:
@@ -182,6 +173,9 @@ class Config:
                 f"train.global_batch={self.train.global_batch} is not divisible by "
                 f"train.accum_steps={self.train.accum_steps}"
             )
+        if self.generation.domain_classifier and not self.generation.domain_reference:
+            raise ValueError("generation.domain_classifier needs generation.domain_reference: an NPZ of real images "
+                             "(arr_0 uint8 N×H×W×3) for the FD, e.g. written by `usp reference`")
         if self.optim.lr is None and self.optim.blr is None:
             raise ValueError("set optim.blr (lr = blr * global_batch / 256) or optim.lr")
         if self.train.ema_decay is not None and not 0.0 < self.train.ema_decay < 1.0:
@@ -234,6 +228,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ValueError as err:
                 errors.append(str(err))
         raise ValueError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, args))}")
+        return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(f"{key} must be a list of {len(args)} values, got {value!r}")
@@ -308,14 +306,34 @@ def config_from_dict(values: dict[str, Any], overrides: typing.Sequence[str] = (
     return _build(Config, apply_overrides(values, overrides), "").validate()
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section (a key of `top` replaces the same key of `base`)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file as a nested dict, with `base: other.yaml` (relative to the file) resolved and merged under it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} not found; see configs/ (e.g. configs/fmnist/pretrain.yaml)")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe {path} must be a mapping of sections (run:, data:, ...)")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise ValueError(f"recipe {path}: `base: {base}` makes a cycle ({' -> '.join(map(str, _seen))})")
+    return _merge(read_recipe(base_path, (*_seen, base_path)), values)
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML recipe (or start from the defaults) and apply dotted overrides, then validate."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} not found; see configs/ (e.g. configs/fmnist/pretrain.yaml)")
-        values = yaml.safe_load(path.read_text()) or {}
+    values = read_recipe(path, (Path(path).resolve(),)) if path is not None else {}
     return config_from_dict(values, overrides)
 
 

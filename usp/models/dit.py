@@ -3,7 +3,7 @@
 One class serves both papers: DiT (Peebles & Xie, 2023) and SiT (Ma et al., 2024) share the network and
 differ only in what `forward` returns (see `output_sigma`). Key names and shapes match the public DiT/SiT
 checkpoints, so the weights of `DiT-XL-2-256x256.pt` / `SiT-XL-2-256.pt` load with `strict=True` into
-`build_dit("dit_xl_2")` / `build_dit("sit_xl_2")` (after unwrapping, see `usp.models.transfer`).
+`create_model("dit_xl_2")` / `create_model("sit_xl_2")` (after unwrapping, see `usp.models.transfer`).
 
 `affine_norms=True` gives USP's "VAE-simple" block: norm1/norm2 are affine LayerNorms so that the
 LayerNorm weights of the pretrained encoder have somewhere to go (`usp.models.transfer`). The adaLN
@@ -15,9 +15,7 @@ integer DDPM indices for DiT, t ∈ [0, 1] for SiT; the embedding treats both as
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -242,50 +240,3 @@ class DiT(nn.Module):
         cond, uncond = guided.chunk(2, dim=0)  # each (N/2, g, H, W)
         mixed = uncond + cfg_scale * (cond - uncond)  # CFG, Ho & Salimans (2022) eq. 6
         return torch.cat([torch.cat([mixed, mixed], dim=0), rest], dim=1)  # (N, C_ret, H, W)
-
-
-# --------------------------------------------------------------------------------------------
-# Named variants
-# --------------------------------------------------------------------------------------------
-
-# (hidden_size, depth, num_heads): S/B/L/XL from DiT Table 1. "t" (tiny) is ours, for tests and the
-# CPU demo: the size of usp's tiny pretraining encoder (so every block transfers), 64-wide heads like
-# every other size; small enough that a 2-core CPU trains it for thousands of steps in minutes.
-SIZES: dict[str, tuple[int, int, int]] = {
-    "t": (128, 4, 2),
-    "s": (384, 12, 6),
-    "b": (768, 12, 12),
-    "l": (1024, 24, 16),
-    "xl": (1152, 28, 16),
-}
-PATCH_SIZES = (1, 2, 4, 8)  # 1: KL-16 latents (USP's ViT-B/1) and the 8×8 latents of the embedded default
-
-# SiT differs from DiT only in its default flags: same network and checkpoint layout (learn_sigma=True,
-# 8 output channels), but forward returns the first in_channels channels, as SiT's own model does.
-FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
-    "dit": {"learn_sigma": True, "output_sigma": True},
-    "sit": {"learn_sigma": True, "output_sigma": False},
-}
-
-
-def _make(family: str, size: str, patch_size: int, **overrides: object) -> DiT:
-    hidden_size, depth, num_heads = SIZES[size]
-    kwargs: dict[str, object] = dict(hidden_size=hidden_size, depth=depth, num_heads=num_heads, patch_size=patch_size)
-    kwargs.update(FAMILY_DEFAULTS[family])
-    kwargs.update(overrides)
-    return DiT(**kwargs)  # type: ignore[arg-type]
-
-
-MODELS: dict[str, Callable[..., DiT]] = {
-    f"{family}_{size}_{p}": functools.partial(_make, family, size, p)
-    for family in FAMILY_DEFAULTS
-    for size in SIZES
-    for p in PATCH_SIZES
-}
-
-
-def build_dit(name: str, **overrides: object) -> DiT:
-    """Build a registered variant, e.g. `build_dit("dit_xl_2", input_size=32, affine_norms=True)`."""
-    if name not in MODELS:
-        raise ValueError(f"unknown DiT/SiT model {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name](**overrides)

@@ -8,8 +8,6 @@ official MAE / USP checkpoints, so they load with `strict=True`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn as nn
 
@@ -174,38 +172,7 @@ class MaskedLatentAutoencoder(nn.Module):
         return unpatchify(mixed, self.patch_size, self.in_channels)
 
 
-# --------------------------------------------------------------------------------------------
-# Registry of named variants. Encoder sizes from the USP paper (ViT-B/L/XL) plus small ones for
-# CPU work; the decoder is 512 wide × 8 blocks × 16 heads throughout, as in MAE / USP.
-# The suffix is the latent patch size: 2 for SD-VAE f8 latents, 1 for KL-16 latents.
-# --------------------------------------------------------------------------------------------
-
-ENCODER_SIZES: dict[str, dict[str, int]] = {
-    "t": dict(embed_dim=128, depth=4, num_heads=2),  # ours: the CPU demo's encoder (= DiT "t")
-    "s": dict(embed_dim=384, depth=12, num_heads=6),
-    "b": dict(embed_dim=768, depth=12, num_heads=12),
-    "l": dict(embed_dim=1024, depth=24, num_heads=16),
-    "xl": dict(embed_dim=1152, depth=28, num_heads=16),
-}
+# Decoder sizes (the encoder sizes are the registry's table in `usp.models`): 512 wide × 8 blocks × 16 heads
+# throughout, as in MAE / USP; a small one for the CPU-sized "t" encoder.
 PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 SMALL_DECODER = dict(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=2)
-
-
-def _variant(size: str, patch_size: int) -> Callable[..., MaskedLatentAutoencoder]:
-    def build(**overrides) -> MaskedLatentAutoencoder:
-        decoder = SMALL_DECODER if size == "t" else PAPER_DECODER
-        return MaskedLatentAutoencoder(patch_size=patch_size, **{**ENCODER_SIZES[size], **decoder, **overrides})
-
-    build.__name__ = f"vit_{size}_{patch_size}"
-    return build
-
-
-MODELS: dict[str, Callable[..., MaskedLatentAutoencoder]] = {
-    f"vit_{size}_{patch}": _variant(size, patch) for size in ENCODER_SIZES for patch in (1, 2, 4)
-}
-
-
-def build_mae(name: str, **overrides) -> MaskedLatentAutoencoder:
-    if name not in MODELS:
-        raise ValueError(f"unknown pretraining model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name](**overrides)

@@ -8,19 +8,13 @@ from pathlib import Path
 import torch
 
 from usp.config import Config, config_from_dict, load_config
-from usp.generate import sample_sharded, save_grid
-from usp.latent.vae import LatentSpace, spec_of
-from usp.models.dit import DiT, build_dit
+from usp.latent.vae import LatentSpace
+from usp.models.dit import DiT
 from usp.models.transfer import load_state_dict_file
+from usp.sample.guided import sample_sharded, save_grid
 from usp.train.checkpoint import load_strict, load_weights
 from usp.train.engine import setup_runtime
-
-
-def build_generator(config: Config) -> DiT:
-    side = config.data.image_size // spec_of(config.latent.space).factor
-    return build_dit(config.model.name, input_size=side, in_channels=spec_of(config.latent.space).channels,
-                     num_classes=config.model.num_classes, class_dropout_prob=config.model.class_dropout,
-                     learn_sigma=config.generation.learn_sigma, affine_norms=config.model.affine_norms)
+from usp.train.tasks.generation import build_generator
 
 
 def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model_name: str | None = None

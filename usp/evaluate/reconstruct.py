@@ -10,7 +10,7 @@ from torchvision.utils import save_image
 from usp.config import config_from_dict
 from usp.data.images import build_image_dataset, build_transform
 from usp.latent.vae import LatentSpace
-from usp.models.mae import build_mae
+from usp.models import create_model
 from usp.models.vit import patchify, unpatchify
 from usp.train.checkpoint import load_strict, load_weights
 
@@ -27,8 +27,8 @@ def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, 
     dc = config.data
     latent = LatentSpace.load(config.latent.space, config.latent.path)
     latent_size = latent.check_image_size(dc.image_size)
-    model = build_mae(config.model.name, latent_size=latent_size, in_channels=latent.channels,
-                      norm_pix_loss=config.pretrain.norm_pix_loss)
+    model = create_model(config.model.name, ("vit",), latent_size=latent_size, in_channels=latent.channels,
+                         norm_pix_loss=config.pretrain.norm_pix_loss)
     load_strict(model, state, str(weights))
     model.eval()
 

@@ -21,7 +21,7 @@ import torch
 
 from usp.config import Config, load_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fmnist"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "fmnist"
 GENERATORS = ("dit_usp", "dit_scratch", "sit_usp", "sit_scratch")
 
 # Budgets: (full, quick). The quick run checks the plumbing end to end; its numbers mean little.
@@ -112,8 +112,21 @@ class Demo:
                                               seed=self.seed, limit=5000 if self.quick else None)
         return {"test_accuracy": accuracy}
 
+    @property
+    def domain_reference(self) -> Path:
+        """The real side of the domain FD: every Fashion-MNIST test image, as an ADM-format NPZ (written once)."""
+        path = self.out / "domain_reference.npz"
+        if not path.exists():
+            from usp.data.fashion_mnist import load_fashion_mnist
+            from usp.evaluate.reference import write_sample_npz
+
+            images = load_fashion_mnist(None, "test")[0]  # (N, 28, 28) uint8, padded to 32 px as the data path does
+            padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2)))
+            write_sample_npz(path, np.repeat(padded[..., None], 3, axis=-1))
+        return path
+
     def pretrain(self) -> dict:
-        from usp.reconstruct import reconstruct_grid
+        from usp.evaluate.reconstruct import reconstruct_grid
         from usp.train.checkpoint import latest_weights
         from usp.train.engine import read_log, train
         from usp.train.tasks import build_task
@@ -134,7 +147,8 @@ class Demo:
         overrides = [*self.latent_overrides(), f"train.max_steps={self.budget('finetune_steps')}",
                      f"train.eval_every={self.budget('eval_every')}",
                      f"generation.eval_samples={self.budget('eval_samples')}",
-                     f"generation.domain_classifier={self.out / 'domain.safetensors'}"]
+                     f"generation.domain_classifier={self.out / 'domain.safetensors'}",
+                     f"generation.domain_reference={self.domain_reference}"]
         if name.endswith("usp"):
             overrides.append(f"model.init={usp_weights}")
         config = self.recipe(name, *overrides)
@@ -144,7 +158,8 @@ class Demo:
 
     def probe(self, usp_weights: str) -> dict:
         from usp.data.fashion_mnist import load_fashion_mnist
-        from usp.understanding import fast_probe, logistic_regression
+        from usp.evaluate.probes import logistic_regression
+        from usp.train.tasks.classification import fast_probe
 
         limit = self.budget("probe_train")
         results = {}
@@ -174,7 +189,7 @@ class Demo:
         for name in GENERATORS:
             results[name] = self.stage(name, lambda name=name: self.generate(name, weights))
         results["probe"] = self.stage("probe", lambda: self.probe(weights))
-        from usp.report import write_report
+        from usp.demo.report import write_report
 
         return write_report(self.out, results, quick=self.quick, seed=self.seed)
 

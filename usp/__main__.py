@@ -1,0 +1,5 @@
+"""`python -m usp` is `usp`."""
+
+from usp.cli import main
+
+main()

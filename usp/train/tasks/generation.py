@@ -1,0 +1,101 @@
+"""Generation training: DiT (DDPM, learned sigma) or SiT (transport), from USP weights or from scratch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from usp.config import Config
+from usp.latent.data import LatentData
+from usp.latent.vae import LatentSpace, spec_of
+from usp.models import create_model
+from usp.models.dit import DiT
+
+
+def build_generator(config: Config) -> DiT:
+    """The registered DiT/SiT of model.name, sized for the recipe's latent space and image size."""
+    spec = spec_of(config.latent.space)
+    return create_model(config.model.name, ("dit", "sit"), input_size=config.data.image_size // spec.factor,
+                        in_channels=spec.channels, num_classes=config.model.num_classes,
+                        class_dropout_prob=config.model.class_dropout, learn_sigma=config.generation.learn_sigma,
+                        affine_norms=config.model.affine_norms)
+
+
+class GenerationTask:
+    """DiT (DDPM, learned sigma) or SiT (transport) fine-tuning, from USP weights or from scratch."""
+
+    def __init__(self, config: Config):
+        from usp.diffusion import create_diffusion, create_transport
+        from usp.models.transfer import load_state_dict_file, transfer_weights
+
+        self.config, gen = config, config.generation
+        self.data = LatentData(config, config.data.split, augment=True, crop="adm_center")
+        self.train_set = self.data.dataset
+        side, channels = self.data.latent_size, self.data.spec.channels
+        self.latent_shape = (channels, side, side)
+        self.model = build_generator(config)
+        self.transfer_report = None
+        if config.model.init:
+            self.transfer_report = transfer_weights(load_state_dict_file(config.model.init), self.model,
+                                                    num_blocks=config.model.init_blocks,
+                                                    interpolation=config.model.pos_interpolation)
+            config.run_dir.mkdir(parents=True, exist_ok=True)
+            self.transfer_report.save(config.run_dir / "transfer.json")
+        if gen.method == "ddpm":
+            self.diffusion = create_diffusion(None, learn_sigma=gen.learn_sigma)
+        else:
+            self.transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps)
+        self._decoder: LatentSpace | None = self.data.vae
+        self._domain = None
+
+    def extras(self) -> dict:
+        out = self.data.extras()
+        out["noise"] = torch.randn(self.latent_shape)
+        if self.config.generation.method == "ddpm":
+            out["t"] = torch.randint(0, self.diffusion.num_timesteps, ())
+        else:
+            t0, t1 = self.transport.interval()
+            out["t"] = t0 + (t1 - t0) * torch.rand(())
+        return out
+
+    def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        x, labels = self.data.latents(batch), batch["label"]
+        model_fn = lambda x_t, t: model(x_t, t, labels)  # noqa: E731
+        objective = self.diffusion if self.config.generation.method == "ddpm" else self.transport
+        losses = objective.training_losses(model_fn, x, t=batch["t"], noise=batch["noise"])
+        return {key: value.mean() for key, value in losses.items()}
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self._decoder is None:
+            self._decoder = LatentSpace.load(self.config.latent.space, self.config.latent.path)
+        self._decoder.to(latents.device)
+        return self._decoder.decode(latents)
+
+    def evaluate(self, model: nn.Module, step: int, run_dir: Path, runtime, final: bool) -> dict:
+        """A class-conditional sample grid (CFG), and domain metrics of class-balanced samples if configured."""
+        from usp.sample.guided import sample_images, save_grid
+
+        if not runtime.is_main:
+            return {}
+        gen, seed = self.config.generation, self.config.run.seed
+        model.eval()
+        classes = min(gen.grid_classes, self.config.model.num_classes)
+        # Grid: row = sample index within class, column = class; the same seeds at every step.
+        indices = [r * classes + c for r in range(gen.grid_per_class) for c in range(classes)]
+        images, _ = sample_images(model, self.decode, gen, indices, seed, classes, True, self.latent_shape)
+        save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", nrow=classes)
+        if not (gen.eval_samples and gen.domain_classifier):
+            return {}
+        from usp.evaluate.domain import DomainEvaluator, domain_metrics
+
+        if self._domain is None:  # the real side is fixed: its statistics are computed once
+            import numpy as np
+
+            self._domain = DomainEvaluator.load(gen.domain_classifier)
+            with np.load(gen.domain_reference) as reference:
+                self._real_stats = self._domain.statistics(reference["arr_0"])
+        fake, labels = sample_images(model, self.decode, gen, list(range(gen.eval_samples)), seed + 10**7,
+                                     self.config.model.num_classes, True, self.latent_shape, batch_size=250)
+        return domain_metrics(self._domain, fake, labels, self._real_stats)
