@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from usp.models.vit import VisionTransformer
-from usp.train.optim import LARS, apply_lr, build_optimizer, layer_id, lr_at, param_groups, scaled_lr
+from usp.train.optim import LARS, apply_lr, build_optimizer, layer_id, lr_at, param_groups
 
 
 def tiny_vit(**kwargs) -> VisionTransformer:
@@ -235,11 +235,9 @@ def test_lr_schedule_values():
         lr_at(0, base_lr=1.0, warmup_steps=0, total_steps=5, schedule="step")
 
 
-def test_apply_lr_and_scaled_lr():
+def test_apply_lr_scales_each_group():
     opt = build_optimizer("sgd", param_groups(tiny_vit(), 0.05, layer_decay=0.5), lr=1.0)
     apply_lr(opt, 0.2)
     assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx(
         sorted(0.2 * 0.5 ** (3 - layer) for layer in (0, 0, 1, 1, 2, 2, 3, 3))
     )
-    assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
-    assert scaled_lr(0.1, 256) == 0.1

@@ -6,12 +6,7 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from usp.train.engine import read_log  # noqa: E402
+from usp.train.engine import read_log
 
 NOISE = 0.05  # relative domain-FD gaps below this are not read as a difference (a few hundred samples)
 LABELS = {"dit_usp": "DiT from USP", "dit_scratch": "DiT from scratch", "sit_usp": "SiT from USP",
@@ -19,6 +14,11 @@ LABELS = {"dit_usp": "DiT from USP", "dit_scratch": "DiT from scratch", "sit_usp
 
 
 def _plot(path: Path, series: dict[str, tuple[list, list]], ylabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display; set here, not at import (no global side effect on import)
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=90)
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, label=label, marker="o" if len(xs) < 12 else None, markersize=3)

@@ -8,6 +8,7 @@ A task (usp/train/tasks.py) supplies the model, the dataset, the per-sample rand
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -222,7 +223,8 @@ def train(config: Config, task, runtime: Runtime | None = None, resume: str | No
         for micro in range(cfg.accum_steps):
             batch = _to_device(next(batches), rt.device)
             sync = micro == cfg.accum_steps - 1 or rt.world_size == 1
-            context = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else _null()
+            no_sync = not sync and hasattr(train_model, "no_sync")
+            context = train_model.no_sync() if no_sync else contextlib.nullcontext()
             with context, torch.autocast(rt.device.type, dtype=amp_dtype or torch.float32,
                                          enabled=amp_dtype is not None):
                 out = task.loss(train_model, batch)
@@ -289,11 +291,3 @@ def train(config: Config, task, runtime: Runtime | None = None, resume: str | No
     if writer is not None:
         writer.close()
     return {"step": step, "history": history, "model": model, "ema": ema}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -178,8 +178,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Optimizer over `param_groups(...)` output; each group starts at lr · lr_scale.
 
-    adamw: weight decay per group; `fused=None` picks the fused kernel when every parameter is on CUDA,
-    torch's default (multi-tensor foreach where supported) otherwise. lars: the linear-probe optimizer above.
+    adamw: weight decay per group; `fused=None` picks torch's fused kernel (CUDA and, since torch 2.4, CPU),
+    `fused=False` its multi-tensor foreach loop. lars: the linear-probe optimizer above.
     sgd: plain momentum SGD.
     `betas` is used by adamw only, `momentum` by lars and sgd.
     """
@@ -203,11 +203,6 @@ def build_optimizer(
 # --------------------------------------------------------------------------------------------
 # Learning rate
 # --------------------------------------------------------------------------------------------
-
-
-def scaled_lr(blr: float, global_batch: int) -> float:
-    """Absolute lr from a base lr defined for a batch of 256 (MAE's linear scaling rule)."""
-    return blr * global_batch / 256
 
 
 def lr_at(

@@ -9,6 +9,7 @@ regression and k-NN on frozen features (`usp.evaluate.probes`), for sweeps, the 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -124,6 +125,8 @@ def build_classifier(config: Config, latent_size: int, channels: int) -> nn.Modu
                                   interpolation=config.model.pos_interpolation)
         config.run_dir.mkdir(parents=True, exist_ok=True)
         report.save(config.run_dir / "transfer.json")
+        if os.environ.get("RANK", "0") == "0":  # what the user's checkpoint gave, once per run
+            print(report.summary(), flush=True)
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -43,6 +44,8 @@ class GenerationTask:
                                                     interpolation=config.model.pos_interpolation)
             config.run_dir.mkdir(parents=True, exist_ok=True)
             self.transfer_report.save(config.run_dir / "transfer.json")
+            if os.environ.get("RANK", "0") == "0":  # what the user's checkpoint gave, once per run
+                print(self.transfer_report.summary(), flush=True)
         if gen.method == "ddpm":
             self.diffusion = create_diffusion(None, learn_sigma=gen.learn_sigma)
         else:
