@@ -6,11 +6,13 @@ import json
 import math
 import re
 
+import pytest
 from PIL import Image
 
 from usp.cli import main
 
 
+@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     main(["demo", "--quick", "--out", str(out)])

@@ -46,12 +46,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from usp.train.engine import setup_runtime, train
     from usp.train.tasks import build_task
 
-    if getattr(args, "fast", False):
-        return cmd_probe_fast(args)
     config = _recipe(args, TRAIN_COMMANDS[args.command])
     if args.dry_run:
         print(config.to_yaml())
         return
+    if getattr(args, "fast", False):
+        return cmd_probe_fast(args)
     runtime = setup_runtime(config.run.device)
     task = build_task(config)
     resume = None if args.resume == "none" else args.resume
@@ -65,6 +65,14 @@ def cmd_probe_fast(args: argparse.Namespace) -> None:
     config = _recipe(args, "probe")
     result = fast_probe(config)
     print(json.dumps(result, indent=1))
+
+
+def dry_run(args: argparse.Namespace) -> None:
+    """What a command would do, without doing it: its arguments, and the resolved recipe where it reads one."""
+    plan = {key: value for key, value in vars(args).items() if key not in ("func", "dry_run")}
+    print(json.dumps(plan, indent=1, default=str))
+    if args.command == "cache-latents":
+        print(_recipe(args).to_yaml())
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -149,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="cache folder (default: the recipe's latent.cache)")
     p.add_argument("--splits", nargs="+", default=["train"], help="splits to encode (default: train)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the splits, then exit")
     p.set_defaults(func=cmd_cache_latents)
 
     p = sub.add_parser("sample", help="class-conditional samples: PNG grid + ADM-format NPZ (torchrun-sharded)",
@@ -161,9 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <run>/samples_<N>)")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--balanced", action="store_true", help="labels i % num_classes instead of random labels")
+    p.add_argument("--balanced", action="store_true", help="labels i %% num_classes instead of random labels")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--grid", type=int, default=64, help="images in the PNG grid")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="FID, sFID, IS, precision, recall with ADM's definitions")
@@ -173,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", help="local FID Inception weights (pt_inception-2015-12-05)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="the whole method on Fashion-MNIST on one CPU, with a report",
@@ -180,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (report.md, PNGs, runs)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the whole pipeline in minutes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("reconstruct", help="the restoration figure: original | masked | reconstruction")
@@ -189,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_reconstruct)
     return parser
 
@@ -209,7 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        if args.dry_run and args.func is not cmd_train:
+            dry_run(args)
+        else:
+            args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

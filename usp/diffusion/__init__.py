@@ -1,6 +1,7 @@
 """Diffusion (DDPM, as DiT) and transport (interpolants, as SiT) objectives and samplers.
 
 Time conventions differ between the two and are stated in `docs/conventions.md`.
+May import: torch, numpy, torchdiffeq; nothing else of usp (a model is any callable).
 """
 
 from usp.diffusion.gaussian import GaussianDiffusion, create_diffusion, ddim_sample_loop, p_sample_loop

@@ -1,5 +1,10 @@
-"""Evaluation: Inception features and ADM's FID / sFID / IS / precision / recall, ADM-format NPZ batches, and a
-domain classifier for small data (its "domain FD" is not comparable to Inception FID)."""
+"""Evaluation: Inception features and ADM's FID / sFID / IS / precision / recall, ADM-format NPZ batches, a
+domain classifier for small data (its "domain FD" is not comparable to Inception FID), quick frozen-feature
+probes (logistic regression, k-NN) and the restoration figure of a pretraining run.
+
+May import: config, data, latent, models, and `usp.train.checkpoint` (the weights format); never the engine,
+the tasks, demo or cli.
+"""
 
 from usp.evaluate.domain import DomainEvaluator, domain_metrics, train_domain_classifier
 from usp.evaluate.inception import InceptionFeatures, InceptionOutputs, resolve_weights, save_random_weights

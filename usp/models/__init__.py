@@ -74,13 +74,14 @@ class ModelEntry:
 def _pretraining_model(size: str, patch_size: int, **overrides) -> MaskedLatentAutoencoder:
     s = SIZES[size]
     decoder = SMALL_DECODER if size == "t" else PAPER_DECODER
-    return MaskedLatentAutoencoder(patch_size=patch_size, embed_dim=s.width, depth=s.depth, num_heads=s.heads,
-                                   **{**decoder, **overrides})
+    kwargs = dict(patch_size=patch_size, embed_dim=s.width, depth=s.depth, num_heads=s.heads, **decoder)
+    return MaskedLatentAutoencoder(**{**kwargs, **overrides})
 
 
 def _classifier(size: str, patch_size: int, **overrides) -> VisionTransformer:
     s = SIZES[size]
-    return VisionTransformer(patch_size=patch_size, embed_dim=s.width, depth=s.depth, num_heads=s.heads, **overrides)
+    kwargs = dict(patch_size=patch_size, embed_dim=s.width, depth=s.depth, num_heads=s.heads)
+    return VisionTransformer(**{**kwargs, **overrides})
 
 
 def _generator(family: str, size: str, patch_size: int, **overrides) -> DiT:

@@ -230,7 +230,7 @@ class VisionTransformer(nn.Module):
         grid = latent_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid, cls_token=True).unsqueeze(0), requires_grad=False)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # plain floats, also under meta
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, rate) for rate in rates])
         if global_pool:
             self.fc_norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)

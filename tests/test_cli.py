@@ -1,0 +1,70 @@
+"""The command line teaches: every command's --help renders, and every recipe under configs/ and every
+example printed by `usp --help` passes --dry-run with exactly the recipe a run would use."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from usp import cli
+from usp.config import load_config, read_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
+COMMANDS = sorted(cli.build_parser()._subparsers._group_actions[0].choices)
+COMMAND_OF_TASK = {task: command for command, task in cli.TRAIN_COMMANDS.items()}
+
+
+def examples() -> list[str]:
+    """The `usp ...` lines of `usp --help` (the CLI module docstring), trailing comments removed."""
+    lines = [line.strip() for line in cli.__doc__.splitlines() if line.strip().startswith("usp ")]
+    return [line.split("#")[0].strip() for line in lines]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command_renders(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usp: \n") or f"usp {command}" in out
+    assert "--dry-run" in out
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(command in out for command in COMMANDS) and len(examples()) >= 8
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_recipe_dry_runs_to_its_resolved_recipe(recipe, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    command = COMMAND_OF_TASK[read_recipe(recipe)["run"]["task"]]
+    cli.main([command, str(recipe.relative_to(ROOT)), "--dry-run"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == load_config(recipe).to_dict()
+
+
+@pytest.mark.parametrize("example", examples())
+def test_every_help_example_dry_runs(example, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    argv = shlex.split(example)[1:]
+    cli.main([*argv, "--dry-run"])
+    out = capsys.readouterr().out
+    assert out.strip()
+    if argv[0] in cli.TRAIN_COMMANDS:  # the recipe with the example's overrides applied
+        overrides = [a for a in argv[2:] if "=" in a and not a.startswith("-")]
+        expected = load_config(argv[1], [*overrides, f"run.task={cli.TRAIN_COMMANDS[argv[0]]}"]).to_dict()
+        assert yaml.safe_load(out) == expected
+
+
+def test_a_recipe_for_another_command_is_refused_with_the_right_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["finetune", str(ROOT / "configs/fmnist/pretrain.yaml"), "--dry-run"])
+    assert exit_info.value.code == 2
+    assert "run it with `usp pretrain` instead" in capsys.readouterr().err

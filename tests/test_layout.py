@@ -1,0 +1,107 @@
+"""The package's shape: every module imports on its own (no import cycles), and the stages are layered.
+
+Layers, low to high: config; models, diffusion, data; latent; evaluate, sample.guided; train; sample.run;
+demo; cli. A module may import its own package and lower layers only (read from the source with `ast`,
+function-level imports included), with the exceptions listed in ALLOWED_UPWARD.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import usp
+
+PACKAGE = Path(usp.__file__).parent
+MODULES = sorted(
+    ".".join(("usp", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+    for path in PACKAGE.rglob("*.py")
+    if path.name != "__main__.py"
+)
+LAYER = {
+    "usp.config": 0,
+    "usp.models": 1, "usp.diffusion": 1, "usp.data": 1,
+    "usp.latent": 2,
+    "usp.evaluate": 3, "usp.sample.guided": 3,
+    "usp.train": 4,
+    "usp.sample.run": 5, "usp.sample": 5,
+    "usp.demo": 6,
+    "usp.cli": 7, "usp": 7,
+}
+# Reading a weights file is the checkpoint module's job at every layer: its format is defined once, there.
+ALLOWED_UPWARD = {("usp.evaluate.reconstruct", "usp.train.checkpoint")}
+
+
+def layer_of(module: str) -> tuple[str, int]:
+    best = max((key for key in LAYER if module == key or module.startswith(key + ".")), key=len)
+    return best, LAYER[best]
+
+
+def usp_imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("usp"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("usp"))
+    return found
+
+
+def test_only_the_entry_points_sit_at_the_top_level():
+    loose = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert loose == ["__init__.py", "__main__.py", "cli.py", "config.py"]
+
+
+@pytest.mark.slow
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    # One interpreter; before each module every usp.* module is forgotten, so each is imported first
+    # (an import cycle shows as an ImportError / AttributeError on a partially initialised module).
+    script = (
+        "import importlib, sys\n"
+        f"names = {MODULES!r}\n"
+        "failed = []\n"
+        "for name in names:\n"
+        "    for loaded in [m for m in sys.modules if m == 'usp' or m.startswith('usp.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as err:\n"
+        "        failed.append(f'{name}: {type(err).__name__}: {err}')\n"
+        "print('\\n'.join(failed))\n"
+        "sys.exit(1 if failed else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(MODULES) > 30
+
+
+def test_layers_import_only_downwards():
+    violations = []
+    for module in MODULES:
+        path = PACKAGE.joinpath(*module.split(".")[1:])
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        home, level = layer_of(module)
+        for imported in usp_imports(path):
+            other_home, other_level = layer_of(imported)
+            if other_home == home or other_level < level or (module, imported) in ALLOWED_UPWARD:
+                continue
+            if other_level == level and home.split(".")[:2] == other_home.split(".")[:2]:
+                continue  # the same package at the same layer
+            violations.append(f"{module} (layer {level}) imports {imported} (layer {other_level})")
+    assert not violations, "\n".join(violations)
+
+
+def test_models_know_nothing_of_training_data_or_files_of_a_run():
+    for path in (PACKAGE / "models").glob("*.py"):
+        assert {m for m in usp_imports(path) if not m.startswith("usp.models")} == set(), path.name
+
+
+def test_every_package_says_what_lives_there():
+    for init in PACKAGE.rglob("__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc) > 80 and "import" in doc, f"{init.relative_to(PACKAGE.parent)} needs a docstring " \
+            "saying what lives there and what it may import"
