@@ -205,14 +205,16 @@ def test_5_disk_full_during_a_checkpoint_write_keeps_the_previous_one(fmnist_ove
     before = ckpt.digest(ckpt.load_state(states(config)[2]))
     real_save = torch.save
 
-    def full_disk(obj, path):  # the writer fills the disk half-way through, as torch's zip writer reports it
+    usage, full = ckpt.shutil.disk_usage, {"now": False}
+
+    def full_disk(obj, path):  # the disk fills half-way through the state, as torch's zip writer reports it
         real_save(obj, path)
         Path(path).write_bytes(Path(path).read_bytes()[:4096])
+        full["now"] = True
         raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
 
     monkeypatch.setattr(ckpt.torch, "save", full_disk)
-    usage = ckpt.shutil.disk_usage
-    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(p)._replace(free=4096))
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(p)._replace(free=4096) if full["now"] else usage(p))
     with pytest.raises(DiskFullError, match=r"no space left on the disk of .*checkpoints to write "
                                             r"state_0000004.pt: it needs about [0-9.]+ MiB, 0.0 MiB are free"):
         run([*fmnist_overrides, "train.max_steps=4"])
@@ -255,9 +257,9 @@ def test_5_disk_full_for_the_latent_cache_is_an_error_up_front(tiny_vae_dir, tmp
 
 
 def test_6_a_cache_made_with_another_vae_or_data_is_refused(tiny_vae_dir, tmp_path, fmnist_overrides):
+    from conftest import TINY_VAE_CONFIG
     from diffusers import AutoencoderKL
 
-    from tests.conftest import TINY_VAE_CONFIG
     from usp.data.images import FashionMNISTDataset, build_transform
     from usp.latent.cache import build_cache, cache_source, vae_fingerprint
     from usp.latent.vae import LatentSpace
@@ -386,9 +388,10 @@ def test_9_user_errors_are_one_line_with_exit_2(fmnist_overrides, tmp_path, caps
         cli_main(["pretrain", EMPTY, *fmnist_overrides, "train.max_steps=0"])
     # An offline hub id: a separate process, so the hub reads HF_HUB_OFFLINE when it is imported.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "USP_DEBUG": "0"}
-    proc = subprocess.run([sys.executable, "-m", "usp", "cache-latents", EMPTY, "--out", str(tmp_path / "c"),
+    proc = subprocess.run([sys.executable, "-m", "usp", "cache-latents", EMPTY,
                            "data.source=fashion_mnist", "data.image_size=64", "data.limit=4", "run.device=cpu",
-                           "latent.space=sd-vae-ft-ema", "latent.path=some-org/no-such-vae"],
+                           "latent.space=sd-vae-ft-ema", "latent.path=some-org/no-such-vae",
+                           "--out", str(tmp_path / "c")],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "latent.path takes a local diffusers AutoencoderKL folder" in proc.stderr
