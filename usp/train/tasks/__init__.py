@@ -19,9 +19,10 @@ TASK_BUILDERS = {"pretrain": PretrainTask, "vae": VAETask, "finetune": Generatio
 
 
 def check_inputs(config: Config) -> None:
-    """Before step 1, not after the last: every split the run reads exists, is non-empty and (for a latent
-    cache) was made from this recipe's VAE and images; model.num_classes fits the data."""
-    from usp.data.images import build_image_dataset, check_num_classes
+    """Before step 1, not after the last: the evaluation split exists and is non-empty (it is read only at the
+    end), and a latent cache is complete and made from this recipe's VAE and images. The training split is
+    checked by the task that builds it."""
+    from usp.data.images import build_image_dataset
     from usp.latent.cache import verify_cache
 
     task, dc = config.run.task, config.data
@@ -29,12 +30,10 @@ def check_inputs(config: Config) -> None:
     if config.latent.cache and task != "vae":
         datasets = verify_cache(config, splits)
     else:
-        datasets = [build_image_dataset(dc.source, dc.root, split, None, dc.limit, dc.download) for split in splits]
-    for split, dataset in zip(splits, datasets):
-        if len(dataset) == 0:
-            raise ValueError(f"data split {split!r} is empty (data.limit={dc.limit}); check data.root and data.limit")
-    if task in ("finetune", "probe", "classify"):
-        check_num_classes(config.model.num_classes, datasets[0])
+        datasets = [build_image_dataset(dc.source, dc.root, split, None, dc.limit, dc.download)
+                    for split in splits[1:]]
+    if any(len(d) == 0 for d in datasets):
+        raise ValueError(f"a data split the run reads ({', '.join(splits)}) is empty; check data.root and data.limit")
 
 
 def build_task(config: Config):
@@ -42,4 +41,9 @@ def build_task(config: Config):
         raise ValueError(f"run.task={config.run.task!r} has no task yet; available: {', '.join(TASK_BUILDERS)}")
     check_inputs(config)
     torch.manual_seed(config.run.seed)  # the model's initialisation depends on the recipe's seed only
-    return TASK_BUILDERS[config.run.task](config)
+    task = TASK_BUILDERS[config.run.task](config)
+    if config.run.task in ("finetune", "probe", "classify"):
+        from usp.data.images import check_num_classes
+
+        check_num_classes(config.model.num_classes, task.train_set)
+    return task
