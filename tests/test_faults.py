@@ -174,12 +174,12 @@ def test_3_vae_folder_is_written_on_restart_after_a_kill_past_the_final_checkpoi
 def test_4_a_second_run_on_a_busy_folder_fails_at_once_naming_the_holder(fmnist_overrides, tmp_path):
     config, _ = run([*fmnist_overrides, "train.max_steps=2"])
     before = ckpt.digest(ckpt.load_state(states(config)[2]))
-    EMPTY = empty_recipe(tmp_path)  # noqa: N806
+    recipe = empty_recipe(tmp_path)
     with ckpt.RunLock(config.run_dir):
         with pytest.raises(RunLocked, match=f"in use by process {os.getpid()}"):
             ckpt.RunLock(config.run_dir).__enter__()
         # The real CLI in another process: one error line, exit 2, before any step.
-        proc = subprocess.run([sys.executable, "-m", "usp", "pretrain", EMPTY, *fmnist_overrides,
+        proc = subprocess.run([sys.executable, "-m", "usp", "pretrain", recipe, *fmnist_overrides,
                                "train.max_steps=4"],
                               capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr
@@ -366,29 +366,29 @@ def _cli_error(capsys, argv: list[str]) -> str:
 
 def test_9_user_errors_are_one_line_with_exit_2(fmnist_overrides, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("USP_DEBUG", raising=False)
-    EMPTY = empty_recipe(tmp_path)  # noqa: N806
+    recipe = empty_recipe(tmp_path)
     config, _ = run([*fmnist_overrides, "train.max_steps=2"])
     folder = config.run_dir / "checkpoints"
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     message = _cli_error(capsys, ["reconstruct", str(tmp_path / "bad.safetensors")])
     assert "bad.safetensors cannot be read" in message and "use another weights" in message
-    message = _cli_error(capsys, ["pretrain", EMPTY, *fmnist_overrides, "optim.lr=1e39", "optim.warmup_epochs=0",
+    message = _cli_error(capsys, ["pretrain", recipe, *fmnist_overrides, "optim.lr=1e39", "optim.warmup_epochs=0",
                                   "train.max_steps=3", "train.ckpt_every=1"])
     assert "weights became non-finite by step 3" in message and "state_0000002.pt" in message
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "x": Image.new("RGB", (1, 1))}, evil)  # an object weights_only refuses
-    message = _cli_error(capsys, ["finetune", EMPTY, *fmnist_overrides, "model.name=dit_t_2", "model.num_classes=10",
+    message = _cli_error(capsys, ["finetune", recipe, *fmnist_overrides, "model.name=dit_t_2", "model.num_classes=10",
                                   f"model.init={evil}", "run.name=ft"])
     assert "evil.pt" in message and "weights_only=False" not in message
     (folder / "state_0000002.pt").write_bytes(b"")
-    message = _cli_error(capsys, ["pretrain", EMPTY, *fmnist_overrides, "train.max_steps=3"])
+    message = _cli_error(capsys, ["pretrain", recipe, *fmnist_overrides, "train.max_steps=3"])
     assert "no checkpoint in" in message and "state_0000002.pt.corrupt" in message
     monkeypatch.setenv("USP_DEBUG", "1")  # the traceback on request
     with pytest.raises(ValueError, match="train.max_steps must be at least 1"):
-        cli_main(["pretrain", EMPTY, *fmnist_overrides, "train.max_steps=0"])
+        cli_main(["pretrain", recipe, *fmnist_overrides, "train.max_steps=0"])
     # An offline hub id: a separate process, so the hub reads HF_HUB_OFFLINE when it is imported.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "USP_DEBUG": "0"}
-    proc = subprocess.run([sys.executable, "-m", "usp", "cache-latents", EMPTY,
+    proc = subprocess.run([sys.executable, "-m", "usp", "cache-latents", recipe,
                            "data.source=fashion_mnist", "data.image_size=64", "data.limit=4", "run.device=cpu",
                            "latent.space=sd-vae-ft-ema", "latent.path=some-org/no-such-vae",
                            "--out", str(tmp_path / "c")],
@@ -504,16 +504,16 @@ def test_sigkill_at_random_points_loses_nothing(tmp_path, tiny_vae_dir):
     """≥ 10 SIGKILLs of `usp pretrain` and `usp finetune` (random moments, mid checkpoint write, right after the
     final checkpoint); every restart resumes; the finals equal uninterrupted runs bit for bit on CPU."""
     rng = random.Random(int(os.environ.get("USP_CHAOS_SEED", "13")))
-    EMPTY = empty_recipe(tmp_path)  # noqa: N806
+    recipe = empty_recipe(tmp_path)
     common = ["data.source=fashion_mnist", "data.image_size=32", "data.limit=64", "data.num_workers=0",
               "latent.space=small-f4", f"latent.path={tiny_vae_dir}", f"run.out_dir={tmp_path / 'runs'}",
               "train.global_batch=16", "train.log_every=1", "train.ckpt_every=3", "train.tensorboard=false",
               "train.progress=false", "run.device=cpu"]
-    pre = ["pretrain", EMPTY, *common, "model.name=vit_t_2", "train.max_steps=30", "optim.warmup_epochs=1"]
+    pre = ["pretrain", recipe, *common, "model.name=vit_t_2", "train.max_steps=30", "optim.warmup_epochs=1"]
     subprocess.run([sys.executable, "-m", "usp", *pre, "run.name=pre-straight"], check=True, capture_output=True,
                    timeout=600)
     init = tmp_path / "runs" / "pre-straight" / "checkpoints" / "weights_0000030.safetensors"
-    ft = ["finetune", EMPTY, *common, "model.name=dit_t_2", f"model.init={init}", "model.num_classes=10",
+    ft = ["finetune", recipe, *common, "model.name=dit_t_2", f"model.init={init}", "model.num_classes=10",
           "model.affine_norms=true", "train.max_steps=12", "train.eval_every=6", "train.ema_decay=0.9",
           "optim.lr=1e-3", "optim.weight_decay=0.0", "optim.warmup_epochs=0", "generation.sampler=ddim",
           "generation.sample_steps=ddim3", "generation.grid_per_class=1", "generation.grid_classes=4"]
