@@ -18,6 +18,8 @@ import argparse
 import json
 import sys
 
+from usp.errors import RunError
+
 TRAIN_COMMANDS = {
     "pretrain": "pretrain",
     "train-vae": "vae",
@@ -95,7 +97,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
     import torch
 
     from usp.data.images import build_image_dataset, build_transform
-    from usp.latent.cache import build_cache
+    from usp.latent.cache import build_cache, cache_crop, cache_source
     from usp.latent.vae import LatentSpace
 
     config = _recipe(args)
@@ -106,12 +108,12 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
     latent = LatentSpace.load(lc.space, lc.path)
     latent.check_image_size(dc.image_size)
     # The ADM centre crop as DiT trains; the flip is stored beside each image.
-    crop = "adm_center" if dc.source == "folder" else "center"
-    transform = build_transform(dc.image_size, crop, hflip=False, normalize=dc.normalize)
+    transform = build_transform(dc.image_size, cache_crop(dc.source), hflip=False, normalize=dc.normalize)
     device = "cuda" if torch.cuda.is_available() and config.run.device != "cpu" else "cpu"
     for split in args.splits:
         dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download)
-        path = build_cache(dataset, latent, dc.image_size, folder, split, args.batch_size, dc.num_workers, device)
+        path = build_cache(dataset, latent, dc.image_size, folder, split, args.batch_size, dc.num_workers, device,
+                           source=cache_source(config, split))
         print(f"{split}: {len(dataset)} images -> {path}")
 
 
@@ -132,6 +134,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usp", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or USP_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def recipe_args(p: argparse.ArgumentParser) -> None:
@@ -226,9 +229,12 @@ def main(argv: list[str] | None = None) -> None:
             dry_run(args)
         else:
             args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    except (ValueError, FileNotFoundError, FileExistsError, RunError) as err:
+        if args.debug or os.environ.get("USP_DEBUG") == "1":
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the library put in it
+        print(f"error: {message} (traceback: --debug or USP_DEBUG=1)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -139,7 +139,9 @@ class TrainConfig:
     ema_decay: float | None = None
     compile: bool = False
     ckpt_every: int = 1000  # steps
-    keep_last: int = 2
+    keep_last: int = 2  # at least 2, so a checkpoint that turns out unreadable has a fallback
+    max_skipped_steps: int = 10  # consecutive steps with non-finite gradients (each skipped) before on_nonfinite
+    on_nonfinite: Literal["stop", "rollback"] = "stop"  # rollback: newest finite checkpoint, skipping the bad data
     log_every: int = 50
     eval_every: int = 0  # steps; 0 = only at the end (probe/classify)
     tensorboard: bool = True
@@ -180,6 +182,15 @@ class Config:
             raise ValueError("set optim.blr (lr = blr * global_batch / 256) or optim.lr")
         if self.train.ema_decay is not None and not 0.0 < self.train.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.train.ema_decay}")
+        if self.train.max_steps is not None and self.train.max_steps <= 0:
+            raise ValueError(f"train.max_steps must be at least 1 (or null to use train.epochs), got "
+                             f"{self.train.max_steps}")
+        if self.train.max_steps is None and self.train.epochs <= 0:
+            raise ValueError(f"train.epochs must be positive, got {self.train.epochs}")
+        if self.train.max_skipped_steps < 1:
+            raise ValueError(f"train.max_skipped_steps must be at least 1, got {self.train.max_skipped_steps}")
+        if min(self.train.ckpt_every, self.train.log_every) < 1 or self.train.eval_every < 0:
+            raise ValueError("train.ckpt_every and train.log_every must be at least 1, train.eval_every at least 0")
         if self.train.keep_last < 1:
             raise ValueError("train.keep_last must be at least 1 (the last good checkpoint is never deleted)")
         return self

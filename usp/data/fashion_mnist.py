@@ -44,10 +44,12 @@ def _find(folder: Path, stem: str) -> Path | None:
 
 
 def find_folder(root: str | os.PathLike | None = None) -> Path | None:
+    # An explicit root is the only place looked at: falling back to another copy would train on other data.
     candidates = [Path(root)] if root else []
-    if os.environ.get("USP_FASHION_MNIST"):
+    if not root and os.environ.get("USP_FASHION_MNIST"):
         candidates.append(Path(os.environ["USP_FASHION_MNIST"]))
-    candidates.append(DEBIAN_FOLDER)
+    if not root:
+        candidates.append(DEBIAN_FOLDER)
     for folder in candidates:
         if _find(folder, _FILES["train"][0]) and _find(folder, _FILES["test"][0]):
             return folder
@@ -70,6 +72,9 @@ def load_fashion_mnist(
         target = Path(root or Path.home() / ".cache" / "usp" / "fashion-mnist")
         torchvision.datasets.FashionMNIST(str(target), train=split == "train", download=True)
         folder = find_folder(target)
+    if folder is None and root:
+        raise FileNotFoundError(f"data.root={root} holds no Fashion-MNIST IDX files ({_FILES['train'][0]}.gz, ...); "
+                                "fix data.root, or unset it to use the installed copy")
     if folder is None:
         raise FileNotFoundError(
             "Fashion-MNIST not found. Install it with `apt-get install dataset-fashion-mnist` "

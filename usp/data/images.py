@@ -63,14 +63,17 @@ class ImageFolderDataset(Dataset):
         if not classes:
             raise ValueError(f"data folder {root} has no class sub-folders; expected root/<class>/<image>.jpg")
         self.classes = classes
-        self.samples = [
-            (path, label)
-            for label, name in enumerate(classes)
-            for path in sorted((root / name).rglob("*"))
-            if path.suffix in IMAGE_EXTENSIONS or path.suffix.lower() in IMAGE_EXTENSIONS
-        ]
+        per_class = [[path for path in sorted((root / name).rglob("*"))
+                      if path.suffix in IMAGE_EXTENSIONS or path.suffix.lower() in IMAGE_EXTENSIONS]
+                     for name in classes]
+        self.samples = [(path, label) for label, paths in enumerate(per_class) for path in paths]
         if not self.samples:
             raise ValueError(f"data folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ...)")
+        empty = [name for name, paths in zip(classes, per_class) if not paths]
+        if empty:  # a label with no images: usually an incomplete copy, and it shifts nothing silently
+            raise ValueError(f"data folder {root}: {len(empty)} class folder(s) hold no images: "
+                             f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}; add their images or "
+                             "remove them")
         if limit is not None:
             self.samples = self.samples[:limit]
         self.transform = transform
@@ -96,6 +99,9 @@ class FashionMNISTDataset(Dataset):
 
     def __init__(self, root: str | None = None, split: str = "train", transform=None,
                  limit: int | None = None, download: bool = False):
+        if split not in ("train", "test", "val"):
+            raise ValueError(f"Fashion-MNIST has splits train and test (val = test), not {split!r}; "
+                             "set data.split / data.eval_split")
         images, labels = load_fashion_mnist(root, "test" if split in ("test", "val") else "train", download)
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
@@ -122,6 +128,22 @@ def build_image_dataset(source: str, root: str | None, split: str, transform=Non
     if root is None:
         raise ValueError("data.root is not set; point it at an ImageNet-layout folder (root/<split>/<class>/*.jpg)")
     return ImageFolderDataset(Path(root) / split, transform, limit)
+
+
+def check_num_classes(num_classes: int, dataset: Dataset) -> None:
+    """model.num_classes against the classes of the data: too few is an error (labels would index past the
+    head or the class embedding), too many a warning (unused outputs)."""
+    classes = getattr(dataset, "classes", None)
+    if classes is None:
+        return
+    if num_classes < len(classes):
+        raise ValueError(f"model.num_classes={num_classes} but the data has {len(classes)} classes; "
+                         f"set model.num_classes={len(classes)}")
+    if num_classes > len(classes):
+        import logging
+
+        logging.getLogger("usp").warning(f"warning: model.num_classes={num_classes} but the data has {len(classes)} "
+                                         "classes; the extra outputs are never trained")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

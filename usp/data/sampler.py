@@ -74,3 +74,29 @@ class SeededDataset(Dataset):
             random.setstate(py_state)
             np.random.set_state(np_state)
         return sample
+
+
+class DataStream:
+    """Endless micro-batches of `loader` (whose sampler is `sampler`), epoch after epoch, with its position as
+    state: (epoch, items of that epoch this rank has consumed). Counting consumed items (edm2 counts
+    `cur_nimg`), not optimiser steps, is what makes a resumed stream equal the uninterrupted one when an
+    epoch does not hold a whole number of steps (e.g. 100 items, steps of 2 micro-batches of 20: the third
+    step takes the last micro-batch of epoch 0 and the first of epoch 1)."""
+
+    def __init__(self, loader, sampler: ResumableSampler, micro_batch: int):
+        self.loader, self.sampler, self.micro_batch = loader, sampler, micro_batch
+        self.epoch, self.offset = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            self.sampler.set_epoch(self.epoch, self.offset)
+            for batch in self.loader:
+                self.offset += self.micro_batch  # counted when handed out, not when a worker prefetched it
+                yield batch
+            self.epoch, self.offset = self.epoch + 1, 0

@@ -1,14 +1,21 @@
 """Latent cache: the raw posterior moments of every image and of its horizontal flip, computed once.
 
 One file per split, `<split>.latents`: a 4 KiB JSON header, then a float32 array
-(N, 2, 2C, h, w) — [plain, flipped] × [mean | logvar] — then int64 labels (N,). The header names the
-latent space, the image size and the count, and `done` tells how many images are written, so an
-interrupted `usp cache-latents` resumes where it stopped.
+(N, 2, 2C, h, w) — [plain, flipped] × [mean | logvar] — then int64 labels (N,). The header names what
+made the cache — the latent space, a hash of the VAE's weights, the image size, crop and normalisation,
+the dataset folder and the image count — and a run whose recipe differs in any of them is refused
+(`verify_cache`). `done` tells how many images are written, so an interrupted `usp cache-latents` resumes
+where it stopped. The file is allocated in full before the first write, so a full disk is an error up
+front, not a SIGBUS in the middle.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from usp.errors import DiskFullError
 from usp.latent.vae import LatentSpace
 
 HEADER_BYTES = 4096
@@ -55,27 +63,87 @@ def _arrays(path: Path, header: dict, mode: str) -> tuple[np.memmap, np.memmap]:
     return moments, labels
 
 
+def vae_fingerprint(latent: LatentSpace) -> str:
+    """sha256 of the VAE's weights (names, dtypes, shapes, bytes): two VAEs of one space and size differ here."""
+    h = hashlib.sha256()
+    for key, value in sorted(latent.vae.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_crop(source: str) -> str:
+    """The crop a cache is made with: ADM's centre crop for image folders (as DiT trains), plain centre else."""
+    return "adm_center" if source == "folder" else "center"
+
+
+def cache_source(config, split: str) -> dict:
+    """What a recipe's images for `split` are: the fields of a cache header that must match the recipe."""
+    from usp.data.fashion_mnist import find_folder
+
+    dc = config.data
+    if dc.source == "fashion_mnist":
+        folder = find_folder(dc.root)
+        root = str(folder.resolve()) if folder is not None else None
+    else:
+        root = str((Path(dc.root) / split).resolve()) if dc.root else None
+    return {"source": dc.source, "root": root, "crop": cache_crop(dc.source), "normalize": dc.normalize,
+            "limit": dc.limit}
+
+
+def _allocate(path: Path, size: int) -> None:
+    """Reserve `size` bytes on disk now (a sparse file would die of SIGBUS when the disk fills later)."""
+    with open(path, "ab") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without fallocate: check below
+                raise
+        if shutil.disk_usage(path.parent).free < size - os.fstat(f.fileno()).st_size:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        f.truncate(size)
+
+
 def build_cache(dataset: Dataset, latent: LatentSpace, image_size: int, folder: str | Path, split: str,
-                batch_size: int = 64, num_workers: int = 0, device: str = "cpu", progress: bool = True) -> Path:
+                batch_size: int = 64, num_workers: int = 0, device: str = "cpu", progress: bool = True,
+                source: dict | None = None) -> Path:
     """Encode every image of `dataset` (items {"image": (3,H,W) in [-1,1], "label"}, no random
-    augmentation) and its flip; resume a partial file of the same latent space and size."""
+    augmentation) and its flip; resume a partial file made the same way. `source`: `cache_source(...)`,
+    stored in the header so a run can tell whether the cache was made from its data."""
     latent_size = latent.check_image_size(image_size)
     path = cache_path(folder, split)
     path.parent.mkdir(parents=True, exist_ok=True)
+    classes = getattr(dataset, "classes", None)
     header = dict(version=FORMAT_VERSION, latent_space=latent.name, image_size=image_size, latent_size=latent_size,
-                  channels=latent.channels, count=len(dataset), done=0)
-    if path.exists():
+                  channels=latent.channels, count=len(dataset), done=0, vae_sha256=vae_fingerprint(latent),
+                  num_classes=len(classes) if classes is not None else None, **(source or {}))
+    size = HEADER_BYTES + len(dataset) * (2 * 2 * latent.channels * latent_size**2 * 4 + 8)
+    fresh = not path.exists()
+    if not fresh:
         old = read_header(path)
         check_header(old, latent.name, image_size, path)
-        if old["count"] != len(dataset):
-            raise ValueError(f"{path} was made for {old['count']} images, the dataset has {len(dataset)}; "
-                             "delete it to rebuild")
+        made_by = {k: old.get(k) for k in ("count", "vae_sha256", *(source or {}))}
+        wanted = {k: header[k] for k in made_by}
+        if made_by != wanted:
+            differ = ", ".join(f"{k}: {made_by[k]} in the file vs {wanted[k]} now" for k in made_by
+                               if made_by[k] != wanted[k])
+            raise ValueError(f"{path} was made from other data or another VAE ({differ}); delete it to rebuild")
         header = old
         if header["done"] == header["count"]:
             return path
-    else:
-        with open(path, "wb") as f:
-            f.truncate(HEADER_BYTES + len(dataset) * (2 * 2 * latent.channels * latent_size**2 * 4 + 8))
+    try:
+        _allocate(path, size)
+    except OSError as err:
+        if fresh:
+            path.unlink(missing_ok=True)  # nothing of the user's was in it yet
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"no space left on the disk of {path.parent} for the latent cache {path.name}: it "
+                                f"needs {size / 2**20:.1f} MiB, {shutil.disk_usage(path.parent).free / 2**20:.1f} "
+                                "MiB are free; free some space or point --out at another disk") from err
+        raise
+    if fresh:
         _write_header(path, header)
     moments, labels = _arrays(path, header, "r+")
     start = header["done"]
@@ -122,6 +190,14 @@ class LatentCacheDataset(Dataset):
         self.count = self.header["count"] if limit is None else min(limit, self.header["count"])
         self._arrays = None
 
+    @property
+    def classes(self) -> list[int]:
+        """The class indices of the data the cache was made from (from its header, else from its labels)."""
+        count = self.header.get("num_classes")
+        if count is None:
+            count = int(_arrays(self.path, self.header, "r")[1].max()) + 1
+        return list(range(count))
+
     def __len__(self) -> int:
         return self.count
 
@@ -130,3 +206,41 @@ class LatentCacheDataset(Dataset):
             self._arrays = _arrays(self.path, self.header, "r")
         moments, labels = self._arrays
         return {"moments": torch.from_numpy(np.array(moments[index])), "label": int(labels[index])}
+
+
+def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
+    """The caches of `splits`, refused unless complete and made from this recipe's VAE weights and images
+    (naming both sides). Loads the recipe's VAE once to hash it. Caches written before fingerprints existed
+    are used with a warning."""
+    import logging
+
+    lc, fingerprint, datasets = config.latent, None, []
+    for split in splits:
+        dataset = LatentCacheDataset(lc.cache, split, lc.space, config.data.image_size, config.data.limit)
+        datasets.append(dataset)
+        path, header = dataset.path, dataset.header
+        if "vae_sha256" not in header:
+            logging.getLogger("usp").warning(f"warning: {path} was written before caches recorded their VAE and "
+                                             "data; it cannot be checked against this recipe (rebuild it to be safe)")
+            continue
+        if fingerprint is None:
+            try:
+                fingerprint = vae_fingerprint(LatentSpace.load(lc.space, lc.path))
+            except (OSError, ValueError) as err:  # pretraining on a cache needs no VAE: do not demand one here
+                logging.getLogger("usp").warning(f"warning: cannot load the recipe's VAE to check {path} against "
+                                                 f"it ({' '.join(str(err).split())[:200]}); its VAE is unchecked")
+                fingerprint = ""
+
+        wanted = {**cache_source(config, split), **({"vae_sha256": fingerprint} if fingerprint else {})}
+        limit = wanted.pop("limit")
+        # Only what the header records: `build_cache` called without `source` (the demo) records the VAE alone.
+        differ = [f"{k} {header[k]!r} (cache) vs {wanted[k]!r} (recipe)" for k in wanted if k in header and
+                  header[k] != wanted[k]]
+        if "limit" in header and (limit is None and header["limit"] is not None or (limit or 0) > header["count"]):
+            differ.append(f"{header['count']} images (cache) vs {limit or 'all'} (recipe data.limit)")
+        if differ:
+            what = "the VAE weights differ" if any(d.startswith("vae_sha256") for d in differ) else "the data differ"
+            raise ValueError(f"latent cache {path} was not made from this recipe ({what}): {'; '.join(differ)}; "
+                             "rebuild it with `usp cache-latents` and this recipe, or point latent.cache at a "
+                             "matching one")
+    return datasets

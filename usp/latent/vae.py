@@ -150,7 +150,13 @@ class LatentSpace(nn.Module):
             if local.is_dir() and is_small_vae_folder(local):
                 vae = SmallVAE.from_pretrained(local)
             else:
-                vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
+                try:
+                    vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
+                except OSError as err:  # offline hub id, missing files: diffusers says so in a long OSError
+                    raise FileNotFoundError(
+                        f"cannot load the VAE {path!r} of latent space {name!r} ({str(err).splitlines()[0]}); "
+                        "latent.path takes a local diffusers AutoencoderKL folder (download it once where there "
+                        "is network) or a hub id when online") from err
         return cls(name, vae, *scale_and_shift(name, path))
 
     def check_image_size(self, image_size: int) -> int:

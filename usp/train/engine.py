@@ -1,92 +1,293 @@
-"""One training loop for every task: pretraining, DiT/SiT fine-tuning, linear probe, fine-tuning.
+"""One training loop for every task: pretraining, DiT/SiT fine-tuning, VAE, linear probe, fine-tuning.
 
-The engine owns distribution (torchrun DDP: NCCL on GPU, gloo on CPU), AMP, gradient accumulation,
-clipping, the per-iteration lr schedule, EMA, logging and atomic checkpoints with exact resume.
-A task (usp/train/tasks.py) supplies the model, the dataset, the per-sample randomness and
-`loss(model, batch) -> dict`; it knows nothing of this loop.
+`train` reads top to bottom: lock the run folder, plan the steps, build the `TrainState` (state.py), resume
+it, then step / log / checkpoint / evaluate until the last step, and mark the run done only once its
+end-of-run outputs exist. The engine owns AMP, gradient accumulation, clipping, the non-finite guard, the
+per-iteration lr schedule and EMA; the process set-up is in dist.py, the record in log.py, checkpoint
+files in checkpoint.py. A task (usp/train/tasks/) supplies the model, the dataset, the per-sample
+randomness and `loss(model, batch) -> dict` (the `Task` protocols below); it knows nothing of this loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset
 
-from usp.config import Config, save_config
-from usp.data.sampler import ResumableSampler, SeededDataset
+from usp.config import Config, TrainConfig, save_config
+from usp.data.sampler import DataStream, ResumableSampler, SeededDataset
+from usp.errors import RunError
 from usp.train import checkpoint as ckpt
+from usp.train.checkpoint import RunLock
+from usp.train.dist import Runtime, autocast_dtype, barrier, mean_over_ranks, setup_runtime, wrap_model
+from usp.train.log import RunLog, read_log
 from usp.train.optim import apply_lr, build_optimizer, lr_at, param_groups
+from usp.train.state import TrainState, update_ema
+
+__all__ = ["Runtime", "setup_runtime", "autocast_dtype", "read_log", "update_ema", "train", "NonFiniteLoss", "Task"]
 
 log = logging.getLogger("usp")
 
 
 # --------------------------------------------------------------------------------------------
-# Runtime set-up (the one place that touches process-wide state)
+# What the engine needs of a task
+# --------------------------------------------------------------------------------------------
+
+
+class Task(Protocol):
+    model: nn.Module
+    train_set: Dataset
+
+    def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class HasExtras(Protocol):
+    def extras(self) -> dict: ...  # per-sample randomness, drawn under the sample's seed
+
+
+@runtime_checkable
+class HasParamGroups(Protocol):
+    def param_groups(self) -> list[dict]: ...
+
+
+@runtime_checkable
+class Evaluates(Protocol):
+    def evaluate(self, model: nn.Module, step: int, run_dir: Path, runtime: Runtime, final: bool) -> dict: ...
+
+
+class NonFiniteLoss(RunError):
+    """Training diverged (non-finite gradients, loss or weights) and recovery was off or failed."""
+
+
+class _Diverged(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Runtime:
-    rank: int
-    world_size: int
-    device: torch.device
+class Plan:
+    """Batch arithmetic: progress is in optimiser steps of `global_batch` images."""
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    micro_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, warmup_epochs: float, dataset_len: int, rt: Runtime) -> Plan:
+        micro_batch, rem = divmod(cfg.global_batch, rt.world_size * cfg.accum_steps)
+        if rem or micro_batch == 0:
+            raise ValueError(f"train.global_batch={cfg.global_batch} must be divisible by world size "
+                             f"{rt.world_size} × train.accum_steps={cfg.accum_steps}")
+        steps_per_epoch = (dataset_len // rt.world_size * rt.world_size) // cfg.global_batch
+        if steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {dataset_len} items, fewer than one global batch of "
+                             f"{cfg.global_batch}; lower train.global_batch")
+        total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+        return cls(micro_batch, steps_per_epoch, total, min(round(warmup_epochs * steps_per_epoch), total))
 
 
-def setup_runtime(device: str = "auto") -> Runtime:
-    """Join the torchrun process group when launched by torchrun; pick the device; set backend flags."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        torch_device = torch.device("cuda", local_rank)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: the standard for DiT/MAE training
-        torch.backends.cudnn.allow_tf32 = True
+def build_state(config: Config, task: Task, rt: Runtime, plan: Plan) -> TrainState:
+    torch.manual_seed(config.run.seed)
+    model = task.model.to(rt.device)
+    oc = config.optim
+    groups = task.param_groups() if isinstance(task, HasParamGroups) else param_groups(model, oc.weight_decay)
+    optimizer = build_optimizer(oc.name, groups, lr=config.lr, betas=oc.betas, momentum=oc.momentum, fused=oc.fused)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=autocast_dtype(config.train.amp, rt.device) == torch.float16)
+    sampler = ResumableSampler(len(task.train_set), config.run.seed, rt.rank, rt.world_size)
+    workers = config.data.num_workers
+    loader = DataLoader(
+        SeededDataset(task.train_set, task.extras if isinstance(task, HasExtras) else None),
+        batch_size=plan.micro_batch, sampler=sampler, num_workers=workers, pin_memory=rt.device.type == "cuda",
+        drop_last=True, persistent_workers=workers > 0, generator=torch.Generator(),  # global RNG untouched
+    )
+    return TrainState.create(model, optimizer, scaler, DataStream(loader, sampler, plan.micro_batch),
+                             config.train.ema_decay)
+
+
+def restore(state: TrainState, ckpt_dir: Path, resume: str | None, plan: Plan, accum: int, rt: Runtime) -> None:
+    """resume: 'auto' (the newest checkpoint that verifies, if any), None (fresh; refuses to overwrite), a path."""
+    if resume is None:
+        if ckpt.latest_state(ckpt_dir) is not None:
+            raise FileExistsError(f"{ckpt_dir.parent} already holds checkpoints; pass --resume auto to continue, "
+                                  "or choose another run.name")
+        return
+    if not rt.is_main:
+        barrier(rt)  # rank 0 first: it alone moves unreadable checkpoints aside
+    found = ckpt.load_latest_state(ckpt_dir) if resume == "auto" else (Path(resume), ckpt.load_state(Path(resume)))
+    if rt.is_main:
+        barrier(rt)
+    if found is None:
+        return
+    path, saved = found
+    epoch, done = divmod(saved["step"], plan.steps_per_epoch)  # states written before the data position was
+    state.load_state_dict(saved, str(path), legacy_position=(epoch, done * accum * plan.micro_batch))
+    log.info(f"resumed from {path} at step {state.step}")
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The parts of one iteration
+# --------------------------------------------------------------------------------------------
+
+
+class Loop:
+    """The state of a running loop that is not saved: the wrapped model, the data iterator, running means,
+    the count of consecutive skipped steps, the record."""
+
+    def __init__(self, config: Config, task: Task, rt: Runtime, plan: Plan, state: TrainState):
+        self.config, self.cfg, self.task, self.rt, self.plan, self.state = config, config.train, task, rt, plan, state
+        self.run_dir, self.ckpt_dir = config.run_dir, config.run_dir / "checkpoints"
+        self.train_model = wrap_model(state.model, rt, self.cfg.compile)
+        self.amp_dtype = autocast_dtype(self.cfg.amp, rt.device)
+        self.batches = iter(state.stream)
+        self.record = RunLog(self.run_dir, rt.is_main, start_step=state.step, total_steps=plan.total_steps,
+                             tensorboard=self.cfg.tensorboard, progress=self.cfg.progress)
+        self.history: list[dict] = []
+        self.running: dict[str, torch.Tensor] = {}
+        self.count, self.bad_run, self.rollbacks, self.lr, self.last_time = 0, 0, 0, 0.0, time.perf_counter()
+        oc = config.optim
+        log.info(f"{config.run.task}: {plan.total_steps} steps × {self.cfg.global_batch} images "
+                 f"({plan.steps_per_epoch} steps/epoch, world {rt.world_size}, accum {self.cfg.accum_steps}), "
+                 f"peak lr {config.lr:.3g}" + (f" (blr {oc.blr} × {self.cfg.global_batch}/256)" if oc.lr is None
+                                               else "") + f", device {rt.device}")
+
+    def due(self, every: int, step: int) -> bool:
+        return step > 0 and ((every and step % every == 0) or step == self.plan.total_steps)
+
+    def eval_due(self, step: int) -> bool:
+        return isinstance(self.task, Evaluates) and self.due(self.cfg.eval_every, step)
+
+    def train_step(self) -> None:
+        """One optimiser step over `accum_steps` micro-batches; skipped when the gradients are not finite."""
+        state, cfg, rt = self.state, self.cfg, self.rt
+        self.lr = lr_at(state.step, base_lr=self.config.lr, warmup_steps=self.plan.warmup_steps,
+                        total_steps=self.plan.total_steps, min_lr=self.config.optim.min_lr,
+                        schedule=self.config.optim.schedule)
+        apply_lr(state.optimizer, self.lr)
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.accum_steps):
+            batch = _to_device(next(self.batches), rt.device)
+            no_sync = micro < cfg.accum_steps - 1 and rt.world_size > 1 and hasattr(self.train_model, "no_sync")
+            with self.train_model.no_sync() if no_sync else contextlib.nullcontext(), torch.autocast(
+                    rt.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                out = self.task.loss(self.train_model, batch)
+            state.scaler.scale(out["loss"] / cfg.accum_steps).backward()
+            for key, value in out.items():  # accumulate on device: no host sync per micro-batch
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+        stepped = apply_gradients(state, self.config.optim.clip_grad, cfg.ema_decay)
+        state.step += 1
+        self.record.bar.update(1)
+        if stepped:
+            for key, value in sums.items():
+                self.running[key] = self.running.get(key, 0.0) + value
+            self.count, self.bad_run = self.count + cfg.accum_steps, 0
+            return
+        state.skipped, self.bad_run = state.skipped + 1, self.bad_run + 1
+        log.warning(f"step {state.step}: non-finite gradients; the step was skipped ({self.bad_run} in a row)")
+        if self.bad_run >= cfg.max_skipped_steps:
+            raise _Diverged(f"{self.bad_run} consecutive steps ({state.step - self.bad_run + 1}-{state.step}) had "
+                            f"non-finite gradients (train.max_skipped_steps={cfg.max_skipped_steps})")
+
+    def log_means(self) -> None:
+        step, cfg = self.state.step, self.cfg
+        values = mean_over_ranks({k: v / self.count for k, v in self.running.items()} if self.count else {}, self.rt)
+        if not all(math.isfinite(v) for v in values.values()):
+            raise _Diverged(f"a non-finite loss {values} up to step {step} although every gradient was finite")
+        now = time.perf_counter()
+        record = {"step": step, "epoch": step / self.plan.steps_per_epoch, "images_seen": step * cfg.global_batch,
+                  "lr": self.lr, **values, "steps_per_s": self.count / cfg.accum_steps / max(now - self.last_time,
+                                                                                             1e-9)}
+        if self.state.skipped:
+            record["skipped_steps"] = self.state.skipped
+        self.history.append(record)
+        self.running, self.count, self.last_time = {}, 0, now
+        self.record.train(record)
+
+    def checkpoint(self) -> None:
+        """Weights file first, then the state (the commit), then pruning: every name on disk is a whole file,
+        and only finite weights are ever written."""
+        step, state = self.state.step, self.state
+        if not state.finite():
+            raise _Diverged(f"the weights became non-finite by step {step} although every gradient was finite "
+                            f"(the update overflowed at lr {self.lr:.3g})")
+        if not self.rt.is_main:
+            return
+        config = self.config
+        meta = {"task": config.run.task, "model": config.model.name, "step": step, "ema": state.ema is not None,
+                "config": config.to_dict()}
+        ckpt.save_weights(self.ckpt_dir, step, (state.ema or state.model).state_dict(), meta)
+        ckpt.save_state(self.ckpt_dir, step, state.state_dict())
+        ckpt.prune(self.ckpt_dir, self.cfg.keep_last)
+
+    def evaluate(self, step: int) -> None:
+        with torch.random.fork_rng(devices=[self.rt.device] if self.rt.device.type == "cuda" else []):
+            metrics = self.task.evaluate(self.state.ema or self.state.model, step, self.run_dir, self.rt,
+                                         final=step == self.plan.total_steps)
+        self.record.evaluation(step, metrics or {})
+        self.state.model.train()
+
+    def recover(self, err: _Diverged) -> None:
+        """train.on_nonfinite: stop with a true message, or roll back to the newest finite checkpoint, keeping
+        the data position so the batches that led here are skipped (at most 3 rollbacks per process)."""
+        found = ckpt.load_latest_state(self.ckpt_dir) if self.cfg.on_nonfinite == "rollback" else None
+        if found is None or self.rollbacks >= 3:
+            newest = ckpt.latest_state(self.ckpt_dir)
+            self.record.close()
+            raise NonFiniteLoss(
+                f"{err}; the run stopped. Nothing non-finite was written: the newest checkpoint is "
+                f"{newest or 'none (no step was saved yet)'}. Lower optim.lr or set optim.clip_grad"
+                + (", or set train.on_nonfinite=rollback" if self.cfg.on_nonfinite == "stop" else "")
+                + ", then run the same command again to resume") from None
+        path, saved = found
+        self.state.load_state_dict(saved, str(path), keep_position=True)
+        self.rollbacks, self.bad_run, self.running, self.count = self.rollbacks + 1, 0, {}, 0
+        self.record.rewind(self.state.step)
+        log.warning(f"{err}; rolled back to {path.name} (step {self.state.step}), skipping the data since then "
+                    f"(rollback {self.rollbacks} of 3)")
+
+    def finish(self) -> dict:
+        self.record.close()
+        if self.rt.is_main:  # the run is done only now that every end-of-run output exists
+            done = {"step": self.state.step, "task": self.config.run.task}
+            ckpt.atomic_write(self.run_dir / "done.json", lambda tmp: tmp.write_text(json.dumps(done) + "\n"))
+        return {"step": self.state.step, "history": self.history, "model": self.state.model, "ema": self.state.ema}
+
+
+def apply_gradients(state: TrainState, clip: float | None, ema_decay: float | None) -> bool:
+    """Unscale, clip, and step the optimiser and the EMA only when every gradient is finite (a skipped step
+    changes no weight, as a grad scaler's). Returns whether the step was taken."""
+    state.scaler.unscale_(state.optimizer)
+    grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+    if clip:
+        norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
     else:
-        torch_device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    return Runtime(rank, world_size, torch_device)
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None = full precision. auto: bf16 on GPU, fp32 on CPU (CPU autocast is slower than fp32 here)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
-
-
-# --------------------------------------------------------------------------------------------
-# EMA
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    ema_params = list(ema.parameters())
-    params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema ← decay·ema + (1−decay)·θ
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    finite = bool(torch.isfinite(norm))  # the one host sync per step
+    if finite:
+        state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    if finite and state.ema is not None:
+        update_ema(state.ema, state.model, ema_decay)
+    return finite
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,200 +295,32 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def read_log(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """A run's log.jsonl as (training records, evaluations flattened to {"step", **metrics})."""
-    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r], [{"step": r["step"], **r["eval"]} for r in rows if "eval" in r]
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _batches(loader: DataLoader, sampler: ResumableSampler, epoch: int, start: int) -> Iterator[dict]:
-    while True:
-        sampler.set_epoch(epoch, start)
-        yield from loader
-        epoch, start = epoch + 1, 0
-
-
-def train(config: Config, task, runtime: Runtime | None = None, resume: str | None = "auto") -> dict:
-    """Train `task` under `config`. resume: 'auto' (latest checkpoint in the run dir, if any),
+def train(config: Config, task: Task, runtime: Runtime | None = None, resume: str | None = "auto") -> dict:
+    """Train `task` under `config`. resume: 'auto' (newest checkpoint of the run folder that verifies, if any),
     None (start fresh; refuses to overwrite an existing run), or a path to a state file."""
     rt = runtime or setup_runtime(config.run.device)
     cfg, run_dir = config.train, config.run_dir
-    ckpt_dir = run_dir / "checkpoints"
-    state_path = ckpt.latest_state(ckpt_dir) if resume == "auto" else (Path(resume) if resume else None)
-    if resume is None and ckpt.latest_state(ckpt_dir) is not None:
-        raise FileExistsError(f"{run_dir} already holds checkpoints; pass --resume auto to continue, "
-                              "or choose another run.name")
-    if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-
-    torch.manual_seed(config.run.seed)
-    model = task.model.to(rt.device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay else None
-    groups = task.param_groups() if hasattr(task, "param_groups") else param_groups(model, config.optim.weight_decay)
-    optimizer = build_optimizer(config.optim.name, groups, lr=config.lr, betas=config.optim.betas,
-                                momentum=config.optim.momentum, fused=config.optim.fused)
-    amp_dtype = autocast_dtype(cfg.amp, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16)
-    train_model = model
-    if rt.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
-        )
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-
-    # Batch arithmetic: progress is in optimiser steps of `global_batch` images.
-    micro_batch, rem = divmod(cfg.global_batch, rt.world_size * cfg.accum_steps)
-    if rem or micro_batch == 0:
-        raise ValueError(f"train.global_batch={cfg.global_batch} must be divisible by world size {rt.world_size} "
-                         f"× train.accum_steps={cfg.accum_steps}")
-    dataset = task.train_set
-    steps_per_epoch = (len(dataset) // rt.world_size * rt.world_size) // cfg.global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"the dataset has {len(dataset)} items, fewer than one global batch of {cfg.global_batch}; "
-                         "lower train.global_batch")
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    warmup_steps = min(round(config.optim.warmup_epochs * steps_per_epoch), total_steps)
-
-    step = 0
-    if state_path is not None:
-        state = ckpt.load_state(state_path)
-        ckpt.load_strict(model, state["model"], str(state_path))
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ckpt.load_strict(ema, state["ema"], str(state_path))
-        torch.set_rng_state(state["rng_cpu"])
-        if rt.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        step = state["step"]
-        log.info(f"resumed from {state_path} at step {step}")
-
-    sampler = ResumableSampler(len(dataset), config.run.seed, rt.rank, rt.world_size)
-    workers = config.data.num_workers
-    loader = DataLoader(
-        SeededDataset(dataset, getattr(task, "extras", None)), batch_size=micro_batch, sampler=sampler,
-        num_workers=workers, pin_memory=rt.device.type == "cuda", drop_last=True,
-        persistent_workers=workers > 0, generator=torch.Generator(),  # keeps the global RNG untouched
-    )
-    # Position in the data stream: each optimiser step consumes `accum` micro-batches on every rank.
-    epoch, done_in_epoch = divmod(step, steps_per_epoch)
-    batches = _batches(loader, sampler, epoch, done_in_epoch * cfg.accum_steps * micro_batch)
-
-    writer = None
-    if rt.is_main and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-    log_file = open(run_dir / "log.jsonl", "a") if rt.is_main else None
-    log.info(f"{config.run.task}: {total_steps} steps × {cfg.global_batch} images "
-             f"({steps_per_epoch} steps/epoch, world {rt.world_size}, accum {cfg.accum_steps}), "
-             f"peak lr {config.lr:.3g}"
-             + (f" (blr {config.optim.blr} × {cfg.global_batch}/256)" if config.optim.lr is None else "")
-             + f", device {rt.device}")
-
-    def save(at_step: int) -> None:
-        if not rt.is_main:
-            return
-        state = {"step": at_step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state()}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        if rt.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        ckpt.save_state(ckpt_dir, at_step, state)
-        meta = {"task": config.run.task, "model": config.model.name, "step": at_step,
-                "ema": ema is not None, "config": config.to_dict()}
-        ckpt.save_weights(ckpt_dir, at_step, (ema or model).state_dict(), meta)
-        ckpt.prune(ckpt_dir, cfg.keep_last)
-
-    running: dict[str, torch.Tensor] = {}
-    count, seen_finite_at, last_time = 0, step, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, disable=not (rt.is_main and cfg.progress), unit="step",
-               dynamic_ncols=True)
-    history: list[dict] = []
-    model.train()
-    while step < total_steps:
-        lr = lr_at(step, base_lr=config.lr, warmup_steps=warmup_steps, total_steps=total_steps,
-                   min_lr=config.optim.min_lr, schedule=config.optim.schedule)
-        apply_lr(optimizer, lr)
-        for micro in range(cfg.accum_steps):
-            batch = _to_device(next(batches), rt.device)
-            sync = micro == cfg.accum_steps - 1 or rt.world_size == 1
-            no_sync = not sync and hasattr(train_model, "no_sync")
-            context = train_model.no_sync() if no_sync else contextlib.nullcontext()
-            with context, torch.autocast(rt.device.type, dtype=amp_dtype or torch.float32,
-                                         enabled=amp_dtype is not None):
-                out = task.loss(train_model, batch)
-            scaler.scale(out["loss"] / cfg.accum_steps).backward()
-            for key, value in out.items():  # accumulate on device: no host sync per step
-                running[key] = running.get(key, 0.0) + value.detach().float()
-            count += 1
-        if config.optim.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            update_ema(ema, model, cfg.ema_decay)
-        step += 1
-        bar.update(1)
-
-        at_log = step % cfg.log_every == 0 or step == total_steps
-        at_ckpt = step % cfg.ckpt_every == 0 or step == total_steps
-        if at_log or at_ckpt:
-            means = {k: v / count for k, v in running.items()}
-            if rt.world_size > 1:
-                stacked = torch.stack(list(means.values()))
-                dist.all_reduce(stacked)
-                means = dict(zip(means, stacked / rt.world_size))
-            values = {k: float(v) for k, v in means.items()}
-            if not all(math.isfinite(v) for v in values.values()):
-                bar.close()
-                raise NonFiniteLoss(
-                    f"non-finite loss {values} between steps {seen_finite_at} and {step}; the run stopped and the "
-                    f"last good checkpoint in {ckpt_dir} is intact. Lower the lr or enable optim.clip_grad."
-                )
-            seen_finite_at = step
-            now = time.perf_counter()
-            record = {"step": step, "epoch": step / steps_per_epoch, "images_seen": step * cfg.global_batch,
-                      "lr": lr, **values, "steps_per_s": count / cfg.accum_steps / max(now - last_time, 1e-9)}
-            history.append(record)
-            running, count, last_time = {}, 0, now
-            if rt.is_main:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                if writer is not None:
-                    for key, value in record.items():
-                        if key != "step":
-                            writer.add_scalar(f"train/{key}", value, step)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
-        if at_ckpt:
-            save(step)
-        if hasattr(task, "evaluate") and (
-            (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
-        ):
-            with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-                metrics = task.evaluate(ema or model, step, run_dir, rt, final=step == total_steps)
-            if rt.is_main and metrics:
-                log_file.write(json.dumps({"step": step, "eval": metrics}) + "\n")
-                log_file.flush()
-                log.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                                                        if isinstance(v, float)))
-            model.train()
-    bar.close()
-    if log_file is not None:
-        log_file.close()
-    if writer is not None:
-        writer.close()
-    return {"step": step, "history": history, "model": model, "ema": ema}
+    with RunLock(run_dir) if rt.is_main else contextlib.nullcontext():  # one run per folder
+        plan = Plan.of(cfg, config.optim.warmup_epochs, len(task.train_set), rt)
+        state = build_state(config, task, rt, plan)
+        restore(state, run_dir / "checkpoints", resume, plan, cfg.accum_steps, rt)
+        if rt.is_main:
+            save_config(config, run_dir / "config.yaml")
+            ckpt.remove_stale_temps(run_dir / "checkpoints")  # of a writer killed mid-write
+        loop = Loop(config, task, rt, plan, state)
+        if loop.eval_due(state.step) and state.step not in loop.record.evaluated_steps:
+            loop.evaluate(state.step)  # a killed run checkpointed this step but did not finish its evaluation
+        state.model.train()
+        while state.step < plan.total_steps:
+            try:
+                loop.train_step()
+                step = state.step
+                if loop.due(cfg.log_every, step) or loop.due(cfg.ckpt_every, step):
+                    loop.log_means()
+                if loop.due(cfg.ckpt_every, step):
+                    loop.checkpoint()
+                if loop.eval_due(step):
+                    loop.evaluate(step)
+            except _Diverged as err:
+                loop.recover(err)
+        return loop.finish()

@@ -18,8 +18,32 @@ TASK_BUILDERS = {"pretrain": PretrainTask, "vae": VAETask, "finetune": Generatio
                  "classify": ClassifierTask}
 
 
+def check_inputs(config: Config) -> None:
+    """Before step 1, not after the last: the evaluation split exists and is non-empty (it is read only at the
+    end), and a latent cache is complete and made from this recipe's VAE and images. The training split is
+    checked by the task that builds it."""
+    from usp.data.images import build_image_dataset
+    from usp.latent.cache import verify_cache
+
+    task, dc = config.run.task, config.data
+    splits = [dc.split] + ([dc.eval_split] if task in ("vae", "probe", "classify") else [])
+    if config.latent.cache and task != "vae":
+        datasets = verify_cache(config, splits)
+    else:
+        datasets = [build_image_dataset(dc.source, dc.root, split, None, dc.limit, dc.download)
+                    for split in splits[1:]]
+    if any(len(d) == 0 for d in datasets):
+        raise ValueError(f"a data split the run reads ({', '.join(splits)}) is empty; check data.root and data.limit")
+
+
 def build_task(config: Config):
     if config.run.task not in TASK_BUILDERS:
         raise ValueError(f"run.task={config.run.task!r} has no task yet; available: {', '.join(TASK_BUILDERS)}")
+    check_inputs(config)
     torch.manual_seed(config.run.seed)  # the model's initialisation depends on the recipe's seed only
-    return TASK_BUILDERS[config.run.task](config)
+    task = TASK_BUILDERS[config.run.task](config)
+    if config.run.task in ("finetune", "probe", "classify"):
+        from usp.data.images import check_num_classes
+
+        check_num_classes(config.model.num_classes, task.train_set)
+    return task

@@ -1,0 +1,73 @@
+"""The process set-up of a run: torchrun's process group, the device, backend flags, AMP dtype, and the
+mean of a few numbers over ranks. The one place that touches process-wide state."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Join the torchrun process group when launched by torchrun; pick the device; set backend flags."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: the standard for DiT/MAE training
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch_device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    return Runtime(rank, world_size, torch_device)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """None = full precision. auto: bf16 on GPU, fp32 on CPU (CPU autocast is slower than fp32 here)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def wrap_model(model: nn.Module, rt: Runtime, compile: bool) -> nn.Module:
+    """The module the loss runs through: DDP across ranks, then torch.compile if asked."""
+    if rt.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                    else None)
+    return torch.compile(model) if compile else model
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor], rt: Runtime) -> dict[str, float]:
+    """Average scalar tensors over ranks (one all-reduce) and bring them to the host."""
+    if rt.world_size > 1 and values:
+        stacked = torch.stack(list(values.values()))
+        dist.all_reduce(stacked)
+        values = dict(zip(values, stacked / rt.world_size))
+    return {k: float(v) for k, v in values.items()}
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.world_size > 1:
+        dist.barrier()
