@@ -86,6 +86,7 @@ def _ddp_worker(rank: int, world: int, port: int, overrides: list[str]) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(fmnist_overrides):
     # SGD, so the weights differ by lr × (gradient difference); Adam would amplify float-rounding noise
     # of near-zero gradients to a full lr-sized step and hide what this test measures.
