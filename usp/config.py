@@ -118,6 +118,9 @@ class OptimConfig:
     layer_decay: float | None = None
     clip_grad: float | None = None
     fused: bool | None = None  # None: fused AdamW (CUDA and CPU kernels); False: torch's foreach loop
+    # True: the official MAE/USP pretraining groups, which weight-decay the cls and mask tokens (timm's
+    # param_groups_weight_decay); False (default): usp never decays tokens or position tables.
+    official_param_groups: bool = False
 
 
 @dataclass
