@@ -42,13 +42,23 @@ def sample_labels(indices: list[int], seed: int, num_classes: int, balanced: boo
                          for i in indices])
 
 
+def sample_generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
+    """One generator per sample on the sampling device, seeded `seed + 1_000_003` (≠ the label's stream).
+
+    Each sample's noise then depends on its seed only (not on the batch size or the number of processes), and
+    is drawn where it is used, without a host-to-device copy per step. A CPU and a CUDA generator give different
+    numbers for one seed, so a sample set is reproducible per device type, not across device types.
+    """
+    return [torch.Generator(device=device).manual_seed(s + 1_000_003) for s in seeds]
+
+
 @torch.no_grad()
 def sample_latents(model: DiT, gen: GenerationConfig, labels: torch.Tensor, seeds: list[int],
                    latent_shape: tuple[int, int, int], progress: bool = False) -> torch.Tensor:
     """Draw one latent (C, h, w) per label, sample i from `seeds[i]`. Returns (N, C, h, w)."""
     device = next(model.parameters()).device
-    generators = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]  # ≠ the label's stream
-    noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
+    generators = sample_generators(seeds, device)
+    noise = torch.stack([torch.randn(latent_shape, generator=g, device=device) for g in generators])
     model_fn = guided_model_fn(model, labels.to(device), gen.cfg_scale, gen.guided_channels)
     if gen.method == "ddpm":
         diffusion = create_diffusion(gen.sample_steps, learn_sigma=gen.learn_sigma)
