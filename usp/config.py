@@ -34,6 +34,10 @@ class LatentConfig:
     path: str | None = None  # hub id, local diffusers folder or checkpoint; None = the space's default
     sample_posterior: bool = False  # False: posterior mean, as the official USP pretraining encodes
     cache: str | None = None  # folder of `usp cache-latents`; None = encode images on the fly
+    # On-the-fly encode/decode speed: "fp32" is exact (the paper recipes); "bf16"/"fp16" autocast the VAE
+    # (docs/benchmarks.md gives the latent error); channels_last lays its convolutions out as NHWC.
+    vae_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    vae_channels_last: bool = False
 
 
 @dataclass
