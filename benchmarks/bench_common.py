@@ -57,7 +57,7 @@ class Sizes:
 # 2-core machine runs the suite in minutes; FULL: the batches of the first measurement (16 and 8).
 QUICK = Sizes(pretrain=(("vit_b_2", 4),), finetune=(("dit_b_2", 2), ("sit_b_2", 2)), samplers=("dit_t_2", "sit_t_2"),
               sample_batch=2, cache_items=1024, cache_batch=64, vae_batch=1, channels_last_px=128,
-              metric_samples=5000, metric_dim=1024, block_batch=4, warmup=1, iters=5, sample_iters=3, matmul_n=1024)
+              metric_samples=5000, metric_dim=1024, block_batch=4, warmup=1, iters=7, sample_iters=5, matmul_n=1024)
 FULL = Sizes(pretrain=(("vit_b_2", 16),), finetune=(("dit_b_2", 8), ("sit_b_2", 8)), samplers=("dit_s_2", "sit_s_2"),
              sample_batch=4, cache_items=8192, cache_batch=256, vae_batch=4, channels_last_px=256,
              metric_samples=50_000, metric_dim=2048, block_batch=8, warmup=2, iters=7, sample_iters=3, matmul_n=2048)

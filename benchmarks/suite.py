@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from bench_common import FULL, GPU_FULL, GPU_PAPER, GPU_QUICK, QUICK, Context, cpu_model, fmt, peak_for
-from bench_data import bench_data
+from bench_data import bench_data, bench_vae
 from bench_sampling import bench_sampling
 from bench_scores import bench_metrics
 from bench_switches import bench_switches
@@ -34,6 +34,7 @@ WORKLOADS: dict[str, Callable[[Context], str]] = {
     "finetune": bench_finetune,
     "sampling": bench_sampling,
     "data": bench_data,
+    "vae": bench_vae,
     "metrics": bench_metrics,
     "switches": bench_switches,
 }

@@ -119,3 +119,23 @@ def test_sampled_latents_do_not_depend_on_the_batch_size(sampler):
     split = torch.cat([sample_latents(model, gen, labels[:2], seeds[:2], (4, 4, 4)),
                        sample_latents(model, gen, labels[2:], seeds[2:], (4, 4, 4))])
     torch.testing.assert_close(whole, split, rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_autocast_runs_the_network_in_bf16_and_hands_back_float32():
+    from usp.sample.guided import amp_dtype
+
+    torch.manual_seed(0)
+    model = create_model("dit_t_2", input_size=4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    seen: list[torch.dtype] = []
+    model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x, t, labels = torch.randn(2, 4, 4, 4), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        exact = guided_model_fn(model, labels, 4.0, 3)(x, t)
+        fast = guided_model_fn(model, labels, 4.0, 3, amp_dtype("bf16", x.device))(x, t)
+    assert seen == [torch.float32, torch.bfloat16] and fast.dtype == torch.float32
+    assert 0 < (fast - exact).abs().max() < 0.05 * exact.abs().max()
+    assert amp_dtype("auto", torch.device("cpu")) is None and amp_dtype("fp32", torch.device("cpu")) is None

@@ -91,6 +91,9 @@ class GenerationConfig:
     ode_method: Literal["dopri5", "euler", "heun"] = "dopri5"
     cfg_scale: float = 4.0
     guided_channels: int | None = 3  # public DiT guides the first 3 channels; None = all channels
+    # Precision of the network inside sampling (the sampler's own state stays float32): fp32 as the public DiT/SiT
+    # samplers run; bf16/fp16 autocast the model only; auto = bf16 on GPU, fp32 on CPU.
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
     eval_samples: int = 0  # class-balanced samples generated at each train.eval_every (0: only a grid)
     grid_classes: int = 10  # the sample grid shows this many classes × grid_per_class
     grid_per_class: int = 4

@@ -20,17 +20,33 @@ from usp.diffusion import create_diffusion, create_transport, ddim_sample_loop, 
 from usp.models.dit import DiT
 
 
-def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float,
-                    guided_channels: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """model_fn(x, t) for samplers: conditional on `labels`, with classifier-free guidance when scale ≠ 1."""
-    if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, labels)
-    null = torch.full_like(labels, model.null_label)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a `generation.amp` choice on `device`; None = fp32 (no autocast)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return AMP_DTYPES.get(amp)
+
+
+def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_channels: int | None,
+                    amp: torch.dtype | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """model_fn(x, t) for samplers: conditional on `labels`, with classifier-free guidance when scale ≠ 1.
+
+    amp: run the network under autocast of this dtype and hand the sampler float32 (its state and noise stay
+    float32, so only the network's rounding changes); None runs it as called.
+    """
+    null = torch.full_like(labels, model.null_label) if cfg_scale != 1.0 else None
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        both = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]),
-                                      cfg_scale, guided_channels)
-        return both[: x.shape[0]]
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            if null is None:
+                out = model(x, t, labels)
+            else:
+                out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]),
+                                             cfg_scale, guided_channels)[: x.shape[0]]
+        return out if amp is None else out.float()
 
     return fn
 
@@ -59,7 +75,8 @@ def sample_latents(model: DiT, gen: GenerationConfig, labels: torch.Tensor, seed
     device = next(model.parameters()).device
     generators = sample_generators(seeds, device)
     noise = torch.stack([torch.randn(latent_shape, generator=g, device=device) for g in generators])
-    model_fn = guided_model_fn(model, labels.to(device), gen.cfg_scale, gen.guided_channels)
+    model_fn = guided_model_fn(model, labels.to(device), gen.cfg_scale, gen.guided_channels,
+                               amp_dtype(gen.amp, device))
     if gen.method == "ddpm":
         diffusion = create_diffusion(gen.sample_steps, learn_sigma=gen.learn_sigma)
         if gen.sampler == "ddim":
