@@ -19,7 +19,6 @@ from usp.config import GenerationConfig
 from usp.diffusion import create_diffusion, create_transport, ddim_sample_loop, p_sample_loop, sample_ode, sample_sde
 from usp.models.dit import DiT
 
-
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
