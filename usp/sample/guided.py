@@ -8,6 +8,7 @@ written to its own file, and skips chunks already on disk (resumption).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_c
     null = torch.full_like(labels, model.null_label) if cfg_scale != 1.0 else None
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        # no autocast object at all for fp32: devices without autocast (meta, some backends) refuse even a disabled one
+        with contextlib.nullcontext() if amp is None else torch.autocast(x.device.type, dtype=amp):
             if null is None:
                 out = model(x, t, labels)
             else:
