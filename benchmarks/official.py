@@ -52,10 +52,25 @@ def _import(root: Path, module: str, names: tuple[str, ...]) -> ModuleType:
         return importlib.import_module(module)
 
 
+@contextlib.contextmanager
+def _numpy_float32_kept() -> Iterator[None]:
+    """USP's util/pos_embed.py sets `np.float = np.float32 = float` when imported (a NumPy ≥ 1.24 shim), which
+    would turn every later `dtype=np.float32` of the process into float64: put np.float32 back after the import.
+    `np.float` (removed from NumPy, once an alias of float) stays, because the official functions call it."""
+    import numpy as np
+
+    saved = np.float32
+    try:
+        yield
+    finally:
+        np.float32 = saved
+
+
 def load_usp(path: str | Path) -> SimpleNamespace:
     """AMAP-ML/USP's pretraining MAE (models_mae.MaskedAutoencoderViT, built on timm's Block)."""
     root = _root(path, "pretrain", "models_mae.py", "AMAP-ML/USP")
-    return SimpleNamespace(root=root, models_mae=_import(root, "models_mae", ("models_mae", "util")))
+    with _numpy_float32_kept():
+        return SimpleNamespace(root=root, models_mae=_import(root, "models_mae", ("models_mae", "util")))
 
 
 def load_dit(path: str | Path) -> SimpleNamespace:

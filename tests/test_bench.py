@@ -40,6 +40,7 @@ def test_official_usp_mae_computes_usps_loss_from_the_same_weights():
     expected = model(x, 0.75, noise=noise)[0]
     torch.manual_seed(5)
     torch.testing.assert_close(ref(x, 0.75)[0], expected, rtol=1e-5, atol=1e-6)
+    assert np.float32 is np.dtype("float32").type  # the official import's global NumPy shim is undone
 
 
 @pytest.mark.parametrize("family", ["dit", "sit"])
