@@ -34,6 +34,10 @@ class LatentConfig:
     path: str | None = None  # hub id, local diffusers folder or checkpoint; None = the space's default
     sample_posterior: bool = False  # False: posterior mean, as the official USP pretraining encodes
     cache: str | None = None  # folder of `usp cache-latents`; None = encode images on the fly
+    # On-the-fly encode/decode speed: "fp32" is exact (the paper recipes); "bf16"/"fp16" autocast the VAE
+    # (docs/benchmarks.md gives the latent error); channels_last lays its convolutions out as NHWC.
+    vae_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    vae_channels_last: bool = False
 
 
 @dataclass
@@ -87,6 +91,9 @@ class GenerationConfig:
     ode_method: Literal["dopri5", "euler", "heun"] = "dopri5"
     cfg_scale: float = 4.0
     guided_channels: int | None = 3  # public DiT guides the first 3 channels; None = all channels
+    # Precision of the network inside sampling (the sampler's own state stays float32): fp32 as the public DiT/SiT
+    # samplers run; bf16/fp16 autocast the model only; auto = bf16 on GPU, fp32 on CPU.
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
     eval_samples: int = 0  # class-balanced samples generated at each train.eval_every (0: only a grid)
     grid_classes: int = 10  # the sample grid shows this many classes × grid_per_class
     grid_per_class: int = 4
@@ -118,6 +125,9 @@ class OptimConfig:
     layer_decay: float | None = None
     clip_grad: float | None = None
     fused: bool | None = None  # None: fused AdamW (CUDA and CPU kernels); False: torch's foreach loop
+    # True: the official MAE/USP pretraining groups, which weight-decay the cls and mask tokens (timm's
+    # param_groups_weight_decay); False (default): usp never decays tokens or position tables.
+    official_param_groups: bool = False
 
 
 @dataclass

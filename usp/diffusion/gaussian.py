@@ -6,7 +6,8 @@ A respaced diffusion runs on its own indices k ∈ {0, …, K−1} but always ha
 
 Equations cited: Ho et al. 2020 ("DDPM", arXiv 2006.11239), Nichol & Dhariwal 2021 ("IDDPM",
 arXiv 2102.09672), Song et al. 2021 ("DDIM", arXiv 2010.02502). Schedules are built in float64 and
-looked up as float32, as DiT does.
+looked up as float32, as DiT does; the float32 tables are placed on each device once (`to`, or the first look-up
+there), so a training or sampling step copies nothing from the host (DiT copies a float64 array per look-up).
 """
 
 from __future__ import annotations
@@ -140,20 +141,36 @@ class GaussianDiffusion:
             "fixed_variance": np.append(post_var[1], betas[1:]),
         }
         arrays["fixed_log_variance"] = np.log(arrays["fixed_variance"])
-        self._arrays = {k: torch.from_numpy(v) for k, v in arrays.items()}  # (T,) float64 each
+        self._arrays = {k: torch.from_numpy(v) for k, v in arrays.items()}  # (T,) float64 each, on the host
+        self._tables: dict[torch.device, dict[str, Tensor]] = {}  # float32 copies (and the map) per device
 
     def schedule(self, name: str) -> Tensor:
         """One of the float64 (T,) schedule arrays, e.g. 'alphas_cumprod', 'posterior_variance'."""
         return self._arrays[name]
 
+    def to(self, device: torch.device | str) -> GaussianDiffusion:
+        """Put the float32 schedules and the timestep map on `device` now (else the first look-up there does)."""
+        self._on(torch.device(device))
+        return self
+
+    def _on(self, device: torch.device) -> dict[str, Tensor]:
+        if device.type == "cuda" and device.index is None:  # t.device always carries an index
+            device = torch.device("cuda", torch.cuda.current_device())
+        tables = self._tables.get(device)
+        if tables is None:
+            # Casting before indexing gives the values DiT's index-then-cast gives: the cast is elementwise.
+            tables = {k: v.float().to(device) for k, v in self._arrays.items()}
+            tables["timestep_map"] = self.timestep_map.to(device)
+            self._tables[device] = tables
+        return tables
+
     def _at(self, name: str, t: Tensor, x: Tensor) -> Tensor:
         """Schedule `name` at t: (N,) -> (N, 1, ..., 1) float32 on t's device, broadcastable to x."""
-        values = self._arrays[name].to(t.device)[t].float()
-        return values.view(-1, *([1] * (x.ndim - 1)))
+        return self._on(t.device)[name][t].view(-1, *([1] * (x.ndim - 1)))
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """Respaced indices (N,) -> the original timesteps (N,) the model is trained on."""
-        return self.timestep_map.to(t.device)[t]
+        return self._on(t.device)["timestep_map"][t]
 
     # ---- forward process ------------------------------------------------------------------
 
@@ -266,13 +283,19 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def randn_like(x: Tensor, generator: Generators) -> Tensor:
-    """Standard normal noise shaped like x. A sequence of generators (one per sample, on the CPU) makes
-    each sample's noise depend on its own seed only, so a sample set does not depend on the batch size."""
+    """Standard normal noise shaped like x, drawn on x's device. A sequence of generators (one per sample, on x's
+    device) makes each sample's noise depend on its own seed only, so a sample set does not depend on the batch
+    size or the number of processes; drawing on the device keeps the host out of every step."""
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if len(generator) != x.shape[0]:
         raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
-    return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator]).to(x.device, x.dtype)
+    for g in generator:
+        if g.device.type != x.device.type:  # else every step would draw on the host and copy
+            raise ValueError(f"a generator on {g.device} for a batch on {x.device}: make the per-sample generators "
+                             f"on the batch's device, torch.Generator(device={str(x.device)!r}).manual_seed(seed)")
+    # float32 draws cast to x's dtype, as before: the same numbers for a seed whatever the sampling precision
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in generator]).to(x.dtype)
 
 
 @torch.no_grad()

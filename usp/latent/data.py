@@ -40,7 +40,8 @@ class LatentData:
             transform = transform or build_transform(dc.image_size, crop or (dc.crop if augment else "center"),
                                                      dc.crop_scale, dc.hflip and augment, dc.normalize)
             self.dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download)
-            self.vae = LatentSpace.load(lc.space, lc.path)
+            self.vae = LatentSpace.load(lc.space, lc.path, precision=lc.vae_precision,
+                                        channels_last=lc.vae_channels_last)
             self.scale, self.shift = self.vae.scale, self.vae.shift
 
     @property
@@ -75,5 +76,6 @@ class LatentData:
             return moments_to_latents(moments, self.scale, self.shift, eps)
         if self.vae.vae.device != batch["image"].device:  # diffusers' module knows its device
             self.vae.to(batch["image"].device)
+        # The training step's autocast is switched off here; the VAE runs at latent.vae_precision (fp32: exact).
         with torch.autocast(batch["image"].device.type, enabled=False):
             return self.vae.encode(batch["image"].float(), eps)

@@ -8,6 +8,7 @@ written to its own file, and skips chunks already on disk (resumption).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,18 +20,34 @@ from usp.config import GenerationConfig
 from usp.diffusion import create_diffusion, create_transport, ddim_sample_loop, p_sample_loop, sample_ode, sample_sde
 from usp.models.dit import DiT
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float,
-                    guided_channels: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """model_fn(x, t) for samplers: conditional on `labels`, with classifier-free guidance when scale ≠ 1."""
-    if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, labels)
-    null = torch.full_like(labels, model.null_label)
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a `generation.amp` choice on `device`; None = fp32 (no autocast)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return AMP_DTYPES.get(amp)
+
+
+def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_channels: int | None,
+                    amp: torch.dtype | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """model_fn(x, t) for samplers: conditional on `labels`, with classifier-free guidance when scale ≠ 1.
+
+    amp: run the network under autocast of this dtype and hand the sampler float32 (its state and noise stay
+    float32, so only the network's rounding changes); None runs it as called.
+    """
+    null = torch.full_like(labels, model.null_label) if cfg_scale != 1.0 else None
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        both = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]),
-                                      cfg_scale, guided_channels)
-        return both[: x.shape[0]]
+        # no autocast object at all for fp32: devices without autocast (meta, some backends) refuse even a disabled one
+        with contextlib.nullcontext() if amp is None else torch.autocast(x.device.type, dtype=amp):
+            if null is None:
+                out = model(x, t, labels)
+            else:
+                out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]),
+                                             cfg_scale, guided_channels)[: x.shape[0]]
+        return out if amp is None else out.float()
 
     return fn
 
@@ -42,14 +59,25 @@ def sample_labels(indices: list[int], seed: int, num_classes: int, balanced: boo
                          for i in indices])
 
 
+def sample_generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
+    """One generator per sample on the sampling device, seeded `seed + 1_000_003` (≠ the label's stream).
+
+    Each sample's noise then depends on its seed only (not on the batch size or the number of processes), and
+    is drawn where it is used, without a host-to-device copy per step. A CPU and a CUDA generator give different
+    numbers for one seed, so a sample set is reproducible per device type, not across device types.
+    """
+    return [torch.Generator(device=device).manual_seed(s + 1_000_003) for s in seeds]
+
+
 @torch.no_grad()
 def sample_latents(model: DiT, gen: GenerationConfig, labels: torch.Tensor, seeds: list[int],
                    latent_shape: tuple[int, int, int], progress: bool = False) -> torch.Tensor:
     """Draw one latent (C, h, w) per label, sample i from `seeds[i]`. Returns (N, C, h, w)."""
     device = next(model.parameters()).device
-    generators = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]  # ≠ the label's stream
-    noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
-    model_fn = guided_model_fn(model, labels.to(device), gen.cfg_scale, gen.guided_channels)
+    generators = sample_generators(seeds, device)
+    noise = torch.stack([torch.randn(latent_shape, generator=g, device=device) for g in generators])
+    model_fn = guided_model_fn(model, labels.to(device), gen.cfg_scale, gen.guided_channels,
+                               amp_dtype(gen.amp, device))
     if gen.method == "ddpm":
         diffusion = create_diffusion(gen.sample_steps, learn_sigma=gen.learn_sigma)
         if gen.sampler == "ddim":

@@ -64,6 +64,7 @@ def param_groups(
     layer_decay: float | None = None,
     num_layers: int | None = None,
     extra_no_decay: Iterable[str] = (),
+    official: bool = False,
 ) -> list[dict]:
     """Split the trainable parameters of `model` into optimizer groups.
 
@@ -73,6 +74,8 @@ def param_groups(
     (decay, no decay) with lr_scale 1; with it, one group per (layer, decay / no decay), in the order the
     parameters first appear. `num_layers` defaults to `model.num_layers` or `len(model.blocks)`.
     `extra_no_decay` adds exact parameter names or last name components that are not decayed.
+    official=True reproduces the official MAE/USP pretraining groups (timm's `param_groups_weight_decay`): only
+    1-D tensors and biases escape decay, so the cls and mask tokens *are* decayed; usp's default leaves them alone.
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -91,7 +94,7 @@ def param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        no_decay = _skips_decay(name, param, extra)
+        no_decay = (param.ndim <= 1 or name.endswith(".bias")) if official else _skips_decay(name, param, extra)
         layer = layer_id(name, num_layers) if layer_decay is not None else 0
         key = (layer, no_decay)
         if key not in groups:
