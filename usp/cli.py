@@ -124,7 +124,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
     transform = build_transform(dc.image_size, crop, hflip=False, normalize=dc.normalize)
     device = "cuda" if torch.cuda.is_available() and config.run.device != "cpu" else "cpu"
     for split in args.splits:
-        dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download)
+        dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download, dc.exclude)
         path = build_cache(dataset, latent, dc.image_size, folder, split, args.batch_size, dc.num_workers, device)
         print(f"{split}: {len(dataset)} images -> {path}")
 

@@ -33,7 +33,8 @@ def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, 
     model.eval()
 
     transform = build_transform(dc.image_size, "center", hflip=False, normalize=dc.normalize)
-    dataset = build_image_dataset(dc.source, dc.root, dc.eval_split, transform, download=dc.download)
+    dataset = build_image_dataset(dc.source, dc.root, dc.eval_split, transform, download=dc.download,
+                                  exclude=dc.exclude)
     images = torch.stack([dataset[i]["image"] for i in range(min(num_images, len(dataset)))])
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -39,7 +39,7 @@ class LatentData:
         else:
             transform = transform or build_transform(dc.image_size, crop or (dc.crop if augment else "center"),
                                                      dc.crop_scale, dc.hflip and augment, dc.normalize)
-            self.dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download)
+            self.dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download, dc.exclude)
             self.vae = LatentSpace.load(lc.space, lc.path)
             self.scale, self.shift = self.vae.scale, self.vae.shift
 
