@@ -15,6 +15,7 @@ Examples:
   usp demo --data my_images --quick --out my_demo    # the whole pipeline and report on my_images
   usp list recipes
   usp reference my_images/val --out ref.npz --image-size 32
+  usp fetch pretrain/vit_b_2_sdvae_224 --cache usp_assets     # on a connected machine, for offline jobs
 """
 
 from __future__ import annotations
@@ -164,6 +165,13 @@ def cmd_list(args: argparse.Namespace) -> None:
     print(listing(args.what))
 
 
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from usp.demo.fetch import fetch
+
+    for line in fetch(args.recipes, args.cache, inception=not args.no_inception):
+        print(line)
+
+
 def cmd_reference(args: argparse.Namespace) -> None:
     from usp.evaluate.reference import reference_batch_from_folder
 
@@ -272,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("fetch", help="download the hub assets of recipes (VAE, Inception) for an offline machine",
+                       description="example: usp fetch pretrain/vit_b_2_sdvae_224 --cache /shared/usp_assets")
+    p.add_argument("recipes", nargs="+", help="recipes (paths or shipped names) whose assets to download")
+    p.add_argument("--cache", required=True, help="one folder for everything (copy it to the offline machine)")
+    p.add_argument("--no-inception", action="store_true", help="skip the FID Inception weights")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
+    p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("reconstruct", help="the restoration figure: original | masked | reconstruction")
     p.add_argument("weights", help="weights_*.safetensors of a pretraining run")

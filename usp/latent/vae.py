@@ -150,7 +150,13 @@ class LatentSpace(nn.Module):
             if local.is_dir() and is_small_vae_folder(local):
                 vae = SmallVAE.from_pretrained(local)
             else:
-                vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
+                try:
+                    vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
+                except OSError as err:  # offline, or not in the hub cache: name the asset and the local-path key
+                    raise FileNotFoundError(
+                        f"VAE {path!r} of latent space {name!r} could not be loaded ({err}). Without network: run "
+                        f"`usp fetch RECIPE --cache DIR` on a connected machine and set HF_HOME=DIR/hf here, or set "
+                        f"latent.path to a local diffusers folder of this VAE") from err
         return cls(name, vae, *scale_and_shift(name, path))
 
     def check_image_size(self, image_size: int) -> int:
