@@ -214,3 +214,16 @@ def test_offline_vae_error_names_the_asset_and_the_local_path_key(tmp_path, monk
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
     with pytest.raises(FileNotFoundError, match=r"'nobody/no-such-vae'.*usp fetch.*latent\.path"):
         LatentSpace.load("sd-vae-ft-ema", "nobody/no-such-vae")
+
+
+def test_reconstruct_picks_images_across_classes():
+    from usp.evaluate.reconstruct import across_classes
+
+    class Folder:  # ImageFolderDataset's shape: samples sorted by class, 5 + 2 + 3 items
+        samples = [("a", 0)] * 5 + [("b", 1)] * 2 + [("c", 2)] * 3
+
+        def __len__(self) -> int:
+            return len(self.samples)
+
+    picked = across_classes(Folder(), 7)
+    assert [Folder.samples[i][1] for i in picked] == [0, 1, 2, 0, 1, 2, 0] and len(set(picked)) == 7
