@@ -227,3 +227,14 @@ def test_reconstruct_picks_images_across_classes():
 
     picked = across_classes(Folder(), 7)
     assert [Folder.samples[i][1] for i in picked] == [0, 1, 2, 0, 1, 2, 0] and len(set(picked)) == 7
+
+
+def test_no_flip_also_holds_for_cached_latents():
+    from usp.latent.data import LatentData
+
+    data = LatentData.__new__(LatentData)  # only the flip coin is exercised: a cached dataset, no posterior noise
+    data.vae, data.augment, data.sample_posterior = None, True, False
+    data.hflip = False
+    assert not any(bool(data.extras()["flip"]) for _ in range(64))
+    data.hflip = True
+    assert any(bool(data.extras()["flip"]) for _ in range(64))
