@@ -238,3 +238,14 @@ def test_no_flip_also_holds_for_cached_latents():
     assert not any(bool(data.extras()["flip"]) for _ in range(64))
     data.hflip = True
     assert any(bool(data.extras()["flip"]) for _ in range(64))
+
+
+def test_every_training_run_writes_its_loss_curve_beside_its_log(fmnist_overrides):
+    from usp.train.engine import train
+    from usp.train.tasks import build_task
+
+    config = load_config(None, fmnist_overrides)
+    train(config, build_task(config), resume="auto")
+    with Image.open(config.run_dir / "loss.png") as image:
+        image.load()
+        assert image.size[0] > 100 and (config.run_dir / "log.jsonl").is_file()

@@ -282,12 +282,18 @@ def train(config: Config, task, runtime: Runtime | None = None, resume: str | No
             if rt.is_main and metrics:
                 log_file.write(json.dumps({"step": step, "eval": metrics}) + "\n")
                 log_file.flush()
+                for key, value in metrics.items() if writer is not None else ():
+                    if isinstance(value, (int, float)):
+                        writer.add_scalar(f"eval/{key}", value, step)
                 log.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                         if isinstance(v, float)))
             model.train()
     bar.close()
     if log_file is not None:
         log_file.close()
+        from usp.train.curve import write_loss_curve
+
+        write_loss_curve(run_dir)
     if writer is not None:
         writer.close()
     return {"step": step, "history": history, "model": model, "ema": ema}
