@@ -116,6 +116,10 @@ def scan_image_folder(root: str | os.PathLike) -> ScanReport:
         raise FileNotFoundError(f"data folder {root} does not exist; give the folder holding train/ (and val/)")
     split_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     split_dirs = [d for d in split_dirs if any(c.is_dir() for c in d.iterdir())]
+    if not split_dirs and any(p.suffix.lower() in _EXTENSIONS for d in root.iterdir() if d.is_dir()
+                              for p in d.iterdir()):
+        raise ValueError(f"{root} looks like one split (its folders hold images): give the folder above it, which "
+                         f"holds train/ and val/ (each with one folder per class)")
     if not split_dirs:
         raise ValueError(f"{root} has no split folders with class folders; expected {root}/train/<class>/<image> "
                          f"(and {root}/val/<class>/<image>)")
