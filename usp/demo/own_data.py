@@ -149,6 +149,8 @@ class OwnDataDemo(Demo):
         name = self.scan.root.resolve().name
         text = report.read_text().replace("Fashion-MNIST", name).replace("`configs/fmnist/*.yaml`",
                                                                          f"`{self.recipes}/*.yaml` (`usp init`)")
+        # The shared report assumes Fashion-MNIST's 10 classes for chance-level class agreement.
+        text = text.replace("(chance 0.10)", f"(chance {1 / self.plan.num_classes:.2f})")
         if not self.plan.small_vae:
             text = text.replace("| small VAE (f4, 8 ch) | 0.0 | test PSNR nan dB |",
                                 f"| VAE | 0 | {self.plan.latent_space}, pretrained (not trained here) |")
