@@ -249,3 +249,16 @@ def test_every_training_run_writes_its_loss_curve_beside_its_log(fmnist_override
     with Image.open(config.run_dir / "loss.png") as image:
         image.load()
         assert image.size[0] > 100 and (config.run_dir / "log.jsonl").is_file()
+
+
+@needs_fmnist
+def test_latent_space_follows_the_resolution(tree, tmp_path):
+    from usp.demo.init import init_recipes
+
+    for size, space, model, has_vae in ((64, "small-f4", "dit_t_2", True), (128, "sd-vae-ft-ema", "dit_b_2", False)):
+        _, plan, files = init_recipes(tree, tmp_path / str(size), image_size=size)
+        assert ("vae" in {f.stem for f in files}) is has_vae
+        config = load_config(tmp_path / str(size) / "recipes" / "dit_usp.yaml")  # every written recipe validates
+        assert (config.latent.space, config.model.name, config.data.image_size) == (space, model, size)
+        if not has_vae:
+            assert config.latent.path == "stabilityai/sd-vae-ft-ema"  # a hub id is not taken for a path
