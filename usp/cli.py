@@ -10,12 +10,19 @@ Examples:
   usp sample runs/fmnist-dit-usp/checkpoints/weights_0002000.safetensors --num-samples 1000
   usp evaluate VIRTUAL_imagenet256_labeled.npz samples_50000.npz --out metrics.json
   usp probe configs/fmnist/probe.yaml --fast
+  usp pretrain fmnist/pretrain --resume none train.max_steps=50   # shipped recipe by name; any order
+  usp init --data my_images --out my_usp             # scan my_images/{train,val}/<class>/, write recipes
+  usp demo --data my_images --quick --out my_demo    # the whole pipeline and report on my_images
+  usp list recipes
+  usp reference my_images/val --out ref.npz --image-size 32
+  usp fetch pretrain/vit_b_2_sdvae_224 --cache usp_assets     # on a connected machine, for offline jobs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from usp.errors import RunError
@@ -78,16 +85,24 @@ def dry_run(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from usp.models.transfer import resolve_checkpoint
     from usp.sample.run import run_sampling
 
-    path = run_sampling(args.weights, args.overrides, out_dir=args.out, num_samples=args.num_samples,
-                        seed=args.seed, balanced=args.balanced, batch_size=args.batch_size, model_name=args.model,
-                        grid=args.grid)
+    path = run_sampling(resolve_checkpoint(args.weights), args.overrides, out_dir=args.out,
+                        num_samples=args.num_samples, seed=args.seed, balanced=args.balanced,
+                        batch_size=args.batch_size, model_name=args.model, grid=args.grid)
     print(f"wrote {path}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from usp.evaluate.reference import main as evaluate_main
+
+    for name, path in (("reference", args.ref), ("samples", args.samples)):  # before Inception loads (slow)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{name} batch {path} not found; write one with `usp reference DIR --out "
+                                    f"ref.npz` or `usp sample`")
 
     evaluate_main(args.ref, args.samples, out_json=args.out, inception_weights=args.inception_weights,
                   batch_size=args.batch_size, device=args.device)
@@ -111,24 +126,67 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
     transform = build_transform(dc.image_size, cache_crop(dc.source), hflip=False, normalize=dc.normalize)
     device = "cuda" if torch.cuda.is_available() and config.run.device != "cpu" else "cpu"
     for split in args.splits:
-        dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download)
+        dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download, dc.exclude)
         path = build_cache(dataset, latent, dc.image_size, folder, split, args.batch_size, dc.num_workers, device,
                            source=cache_source(config, split))
         print(f"{split}: {len(dataset)} images -> {path}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from usp.demo.pipeline import run_demo
+    if args.data:
+        from usp.demo.own_data import run_own_data_demo
 
-    report = run_demo(args.out, quick=args.quick, seed=args.seed)
+        report = run_own_data_demo(args.data, args.out, quick=args.quick, seed=args.seed,
+                                   image_size=args.image_size, flip=not args.no_flip)
+    else:
+        from usp.demo.pipeline import run_demo
+
+        report = run_demo(args.out, quick=args.quick, seed=args.seed)
     print(f"report: {report}")
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from usp.demo.init import init_recipes
+
+    scan, plan, files = init_recipes(args.data, args.out, image_size=args.image_size, flip=not args.no_flip)
+    print(scan.table())
+    print(f"\n{plan.image_size} px, latent space {plan.latent_space}, {plan.num_classes} classes; recipes:")
+    for path in files:
+        print(f"  {path}")
+    first = files[0].parent
+    steps = ([f"usp train-vae {first / 'vae.yaml'}"] if plan.small_vae else []) + [
+        f"usp cache-latents {first / 'pretrain.yaml'} --splits {scan.train_split} {scan.eval_split}",
+        f"usp pretrain {first / 'pretrain.yaml'}", f"usp finetune {first / 'dit_usp.yaml'}",
+        f"usp probe {first / 'probe.yaml'} --fast"]
+    print("next:\n" + "\n".join(f"  {line}" for line in steps))
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from usp.demo.listing import listing
+
+    print(listing(args.what))
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from usp.demo.fetch import fetch
+
+    for line in fetch(args.recipes, args.cache, inception=not args.no_inception):
+        print(line)
+
+
+def cmd_reference(args: argparse.Namespace) -> None:
+    from usp.evaluate.reference import reference_batch_from_folder
+
+    path = reference_batch_from_folder(args.folder, args.out, args.image_size, num_images=args.num, seed=args.seed)
+    print(f"wrote {path}")
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     from usp.evaluate.reconstruct import reconstruct_grid
+    from usp.models.transfer import resolve_checkpoint
 
-    path = reconstruct_grid(args.weights, args.out, num_images=args.num_images, mask_ratio=args.mask_ratio,
-                            seed=args.seed, overrides=args.overrides)
+    path = reconstruct_grid(resolve_checkpoint(args.weights), args.out, num_images=args.num_images,
+                            mask_ratio=args.mask_ratio, seed=args.seed, overrides=args.overrides)
     print(f"wrote {path}")
 
 
@@ -189,13 +247,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="the whole method on Fashion-MNIST on one CPU, with a report",
-                       description="example: usp demo --out demo_out   (resumable: finished stages are skipped)")
+    p = sub.add_parser("demo", help="the whole method on Fashion-MNIST (or --data DIR) on one CPU, with a report",
+                       description="example: usp demo --out demo_out   (resumable: finished stages are skipped)\n"
+                                   "         usp demo --data my_images --quick --out my_demo")
     p.add_argument("--out", default="demo_out", help="output folder (report.md, PNGs, runs)")
+    p.add_argument("--data", help="your ImageFolder tree DIR/{train,val}/<class>/<image> instead of Fashion-MNIST")
+    p.add_argument("--image-size", type=int, help="with --data: the training resolution (default: the images')")
+    p.add_argument("--no-flip", action="store_true", help="with --data: no horizontal flips (digits, text)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the whole pipeline in minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("init", help="scan an ImageFolder tree and write a recipe set for it",
+                       description="example: usp init --data my_images --out my_usp")
+    p.add_argument("--data", required=True, help="DIR/{train,val}/<class>/<image> (ImageNet layout)")
+    p.add_argument("--out", help="folder for recipes/ and runs (default: usp_<data folder name>)")
+    p.add_argument("--image-size", type=int, help="training resolution (default: the images' common short side)")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (digits, text must not be mirrored)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("list", help="models, latent spaces and shipped recipes, one line each",
+                       description="example: usp list recipes")
+    p.add_argument("what", nargs="?", choices=("models", "latent-spaces", "recipes", "all"), default="all")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("reference", help="an ADM-format reference batch (ADM centre crop) from an image folder",
+                       description="example: usp reference my_images/val --out ref.npz --image-size 32")
+    p.add_argument("folder", help="a folder of images, searched recursively")
+    p.add_argument("--out", required=True, help="the .npz to write (arr_0 uint8 N×H×W×3)")
+    p.add_argument("--image-size", type=int, default=256, help="side of the ADM centre crop (default 256)")
+    p.add_argument("--num", type=int, help="a random subset of this many images (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
+    p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("fetch", help="download the hub assets of recipes (VAE, Inception) for an offline machine",
+                       description="example: usp fetch pretrain/vit_b_2_sdvae_224 --cache /shared/usp_assets")
+    p.add_argument("recipes", nargs="+", help="recipes (paths or shipped names) whose assets to download")
+    p.add_argument("--cache", required=True, help="one folder for everything (copy it to the offline machine)")
+    p.add_argument("--no-inception", action="store_true", help="skip the FID Inception weights")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
+    p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("reconstruct", help="the restoration figure: original | masked | reconstruction")
     p.add_argument("weights", help="weights_*.safetensors of a pretraining run")
@@ -207,6 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_reconstruct)
     return parser
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take the `section.key=value` overrides out of argv wherever they stand, so options and overrides mix in
+    any order: argparse would give `--splits train val a.b=1` the override as a split, and refuses positionals
+    after `--resume X`. An override names a dotted key, which no option value or path of usp looks like."""
+    rest, overrides = [], []
+    for i, token in enumerate(argv):
+        if token == "--":
+            return rest + argv[i:], overrides
+        (overrides if _OVERRIDE.match(token) else rest).append(token)
+    return rest, overrides
 
 
 def _has_cuda() -> bool:
@@ -223,7 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     parser = build_parser()
+    argv, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
+    if overrides:
+        if not hasattr(args, "overrides"):
+            parser.error(f"`usp {args.command}` takes no key=value overrides, got {' '.join(overrides)}")
+        args.overrides = [*args.overrides, *overrides]
     try:
         if args.dry_run and args.func is not cmd_train:
             dry_run(args)

@@ -24,6 +24,7 @@ class RunConfig:
     task: Task = "pretrain"
     name: str = "run"
     out_dir: str = "runs"  # the run directory is out_dir/name
+    root: str | None = None  # relative paths of the recipe resolve here (relative to the recipe file); None: cwd
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -54,6 +55,7 @@ class DataConfig:
     limit: int | None = None  # use only the first N images (tiny recipes, debugging)
     num_workers: int = 4
     download: bool = False  # allow torchvision to download Fashion-MNIST when it is not installed
+    exclude: str | None = None  # list file of images to leave out (corrupt files found by `usp init`)
 
 
 @dataclass
@@ -335,11 +337,63 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def recipes_dir() -> Path:
+    """The shipped recipes: `usp/recipes` in an installed wheel (package data), the repository's configs/ in a
+    source checkout (the wheel build copies configs/ there; see setup.py)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "recipes"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A recipe path as given when it exists, else a shipped recipe by name: `fmnist/pretrain`,
+    `fmnist/pretrain.yaml` and `configs/fmnist/pretrain.yaml` all name configs/fmnist/pretrain.yaml."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    relative = path.as_posix().removeprefix("configs/")
+    for candidate in (relative, relative + ".yaml"):
+        shipped = recipes_dir() / candidate
+        if not path.is_absolute() and shipped.is_file():
+            return shipped
+    raise FileNotFoundError(f"recipe {name} not found, neither as a file nor among the shipped recipes in "
+                            f"{recipes_dir()}; `usp list recipes` names them (e.g. fmnist/pretrain)")
+
+
+# Recipe keys that hold paths: with run.root set they resolve against it (so a run works from any directory).
+PATH_KEYS = ("run.out_dir", "latent.path", "latent.cache", "data.root", "data.exclude", "model.init",
+             "generation.domain_classifier", "generation.domain_reference", "vae.out")
+
+
+def resolve_paths(values: dict[str, Any], recipe: Path) -> dict[str, Any]:
+    """Make the relative paths of a recipe dict absolute against its `run.root` (itself relative to the recipe
+    file), in place; a recipe without run.root is left as it is (paths relative to the working directory).
+    `latent.path` may be a hub id (owner/name): it is resolved only when written ./x or ../x, or when it exists."""
+    root = (values.get("run") or {}).get("root")
+    if root is None:
+        return values
+    root = (recipe.parent / Path(root).expanduser()).resolve()
+    values["run"]["root"] = str(root)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        node = values.get(section)
+        if not isinstance(node, dict) or not isinstance(node.get(name), str):
+            continue
+        text = node[name]
+        path = Path(text).expanduser()
+        if path.is_absolute():
+            continue
+        if key == "latent.path" and not (text.startswith(("./", "../")) or (root / path).exists()):
+            continue
+        node[name] = str((root / path).resolve())
+    return values
+
+
 def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A recipe file as a nested dict, with `base: other.yaml` (relative to the file) resolved and merged under it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} not found; see configs/ (e.g. configs/fmnist/pretrain.yaml)")
+        path = find_recipe(path)
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"recipe {path} must be a mapping of sections (run:, data:, ...)")
@@ -354,7 +408,10 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML recipe (or start from the defaults) and apply dotted overrides, then validate."""
-    values = read_recipe(path, (Path(path).resolve(),)) if path is not None else {}
+    values = {}
+    if path is not None:
+        path = find_recipe(path)
+        values = resolve_paths(read_recipe(path, (path.resolve(),)), path)
     return config_from_dict(values, overrides)
 
 

@@ -7,6 +7,7 @@ index (see `usp.data.sampler`), so an item does not depend on worker count, rank
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def build_transform(image_size: int, crop: str, crop_scale: tuple[float, float] 
 class ImageFolderDataset(Dataset):
     """root/class_name/*.jpg (ImageNet layout: point `root` at the split folder, e.g. .../train)."""
 
-    def __init__(self, root: str | os.PathLike, transform=None, limit: int | None = None):
+    def __init__(self, root: str | os.PathLike, transform=None, limit: int | None = None,
+                 exclude: set[Path] | None = None):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"data folder {root} does not exist; set data.root to a folder of class folders")
@@ -67,13 +69,19 @@ class ImageFolderDataset(Dataset):
                       if path.suffix in IMAGE_EXTENSIONS or path.suffix.lower() in IMAGE_EXTENSIONS]
                      for name in classes]
         self.samples = [(path, label) for label, paths in enumerate(per_class) for path in paths]
+        if exclude:  # bad files found by `usp init` (data.exclude): listed there, counted here, never silent
+            kept = [(p, label) for p, label in self.samples if p.resolve() not in exclude]
+            if len(kept) < len(self.samples):
+                logging.getLogger(__name__).warning("%s: %d files left out (listed in data.exclude)", root,
+                                                    len(self.samples) - len(kept))
+            self.samples = kept
         if not self.samples:
             raise ValueError(f"data folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ...)")
         empty = [name for name, paths in zip(classes, per_class) if not paths]
-        if empty:  # a label with no images: usually an incomplete copy, and it shifts nothing silently
-            raise ValueError(f"data folder {root}: {len(empty)} class folder(s) hold no images: "
-                             f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}; add their images or "
-                             "remove them")
+        if empty:  # still labels (the splits must agree on the label of each folder), but never silently
+            logging.getLogger(__name__).warning(
+                "data folder %s: %d class folder(s) hold no images: %s; add their images or remove the folders "
+                "from every split", root, len(empty), ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
         if limit is not None:
             self.samples = self.samples[:limit]
         self.transform = transform
@@ -122,12 +130,15 @@ class FashionMNISTDataset(Dataset):
 
 
 def build_image_dataset(source: str, root: str | None, split: str, transform=None,
-                        limit: int | None = None, download: bool = False) -> Dataset:
+                        limit: int | None = None, download: bool = False, exclude: str | None = None) -> Dataset:
+    """`exclude`: a list file of images to leave out (data.exclude, written by `usp init`); folders only."""
     if source == "fashion_mnist":
         return FashionMNISTDataset(root, split, transform, limit, download)
     if root is None:
         raise ValueError("data.root is not set; point it at an ImageNet-layout folder (root/<split>/<class>/*.jpg)")
-    return ImageFolderDataset(Path(root) / split, transform, limit)
+    from usp.data.scan import read_exclude
+
+    return ImageFolderDataset(Path(root) / split, transform, limit, read_exclude(exclude))
 
 
 def check_num_classes(num_classes: int, dataset: Dataset) -> None:

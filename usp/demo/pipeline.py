@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from usp.config import Config, load_config
+from usp.config import Config, load_config, recipes_dir
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "fmnist"
+CONFIGS = recipes_dir() / "fmnist"  # the source tree's configs/, or the copy an installed wheel ships
 GENERATORS = ("dit_usp", "dit_scratch", "sit_usp", "sit_scratch")
 
 # Budgets: (full, quick). The quick run checks the plumbing end to end; its numbers mean little.

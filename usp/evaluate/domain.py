@@ -64,6 +64,8 @@ def _as_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"uint8 images must be (N, H, W, 3), got {tuple(x.shape)}")
         x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    if x.ndim == 4 and x.shape[1] == 3 and x.shape[-2:] != (32, 32):  # `usp demo --data` at other sizes
+        x = F.interpolate(x.float(), size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
     if x.ndim != 4 or x.shape[1:] != (3, 32, 32):
         raise ValueError(f"expected float (N, 3, 32, 32) in [-1, 1] or uint8 (N, 32, 32, 3), got {tuple(x.shape)}")
     return x.float()
@@ -159,7 +161,7 @@ class DomainEvaluator:
 
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        model = DomainCNN()
+        model = DomainCNN(num_classes=int(metadata.get("num_classes", NUM_CLASSES)))  # `usp demo --data`: its classes
         model.load_state_dict(load_file(str(path)), strict=True)
         return cls(model, device, metadata)
 

@@ -33,8 +33,9 @@ def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, 
     model.eval()
 
     transform = build_transform(dc.image_size, "center", hflip=False, normalize=dc.normalize)
-    dataset = build_image_dataset(dc.source, dc.root, dc.eval_split, transform, download=dc.download)
-    images = torch.stack([dataset[i]["image"] for i in range(min(num_images, len(dataset)))])
+    dataset = build_image_dataset(dc.source, dc.root, dc.eval_split, transform, download=dc.download,
+                                  exclude=dc.exclude)
+    images = torch.stack([dataset[i]["image"] for i in across_classes(dataset, num_images)])
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         z = latent.encode(images)  # (N, C, h, w)
@@ -53,4 +54,41 @@ def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image((grid + 1) / 2, out, nrow=len(images), padding=1)
+    _label_rows(out, ("original", "masked", "reconstruction"))
     return out
+
+
+def across_classes(dataset, count: int) -> list[int]:
+    """Indices of `count` items taking each class in turn (the first item of every class, then the second, ...),
+    so the figure shows the classes rather than the first class of a sorted folder."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = [label for _, label in getattr(dataset, "samples", [])]
+    if len(labels) != len(dataset):  # a dataset that does not say its labels: the first items
+        return list(range(min(count, len(dataset))))
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(index)
+    queues = [by_class[c] for c in sorted(by_class)]
+    picked: list[int] = []
+    for rank in range(max(map(len, queues), default=0)):
+        picked += [queue[rank] for queue in queues if rank < len(queue)][: count - len(picked)]
+        if len(picked) == count:
+            break
+    return picked
+
+
+def _label_rows(path: Path, names: tuple[str, ...]) -> None:
+    """Write each row's name in a margin left of the grid (PIL's default font: no font files needed)."""
+    from PIL import Image, ImageDraw
+
+    with Image.open(path) as grid:
+        grid = grid.convert("RGB")
+    margin = 6 * max(map(len, names)) + 8
+    labelled = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    labelled.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(labelled)
+    row = grid.height / len(names)
+    for i, name in enumerate(names):
+        draw.text((2, int(row * (i + 0.5)) - 5), name, fill="black")
+    labelled.save(path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,23 +175,39 @@ def reference_batch_from_folder(
     seed: int = 0,
     extractor: InceptionFeatures | None = None,
     batch_size: int = 50,
+    exclude: set[Path] | None = None,
 ) -> Path:
     """Write a reference NPZ from the images under `folder` (searched recursively), each centre-cropped as ADM
     (`usp.data.images.adm_center_crop`) to `image_size`². With `num_images`, a random subset drawn with `seed`
     (ADM's ImageNet references are 10K random training images). With `extractor`, the Inception statistics are
-    stored too, so later evaluations skip the reference's FID/sFID features."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in {e.lower() for e in IMAGE_EXTENSIONS})
+    stored too, so later evaluations skip the reference's FID/sFID features. Files in `exclude` (resolved paths,
+    e.g. `data.exclude`) and files that do not decode are left out and listed on stderr, never skipped silently."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist; give a folder of images (searched recursively)")
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in {e.lower() for e in IMAGE_EXTENSIONS}
+                   and p.resolve() not in (exclude or set()))
     if not files:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ...)")
-    if num_images is not None:
-        if num_images > len(files):
-            raise ValueError(f"num_images={num_images} but {folder} holds only {len(files)} images")
-        pick = np.random.default_rng(seed).choice(len(files), size=num_images, replace=False)
-        files = [files[i] for i in sorted(pick)]
-    images = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
-    for i, file in enumerate(files):
-        with Image.open(file) as image:
-            images[i] = np.asarray(adm_center_crop(image.convert("RGB"), image_size))
+    if num_images is not None and num_images > len(files):
+        raise ValueError(f"num_images={num_images} but {folder} holds only {len(files)} images")
+    # A random order drawn with `seed`, read until num_images decode: a bad file is replaced by the next one.
+    order = np.random.default_rng(seed).permutation(len(files)) if num_images is not None else range(len(files))
+    wanted = num_images  # None: every image that decodes
+    picked, bad = {}, []
+    for index in order:
+        try:
+            with Image.open(files[index]) as image:
+                picked[int(index)] = np.asarray(adm_center_crop(image.convert("RGB"), image_size))
+        except Exception as err:  # PIL raises several types for broken files
+            bad.append(f"{files[index]}: {type(err).__name__}: {err}")
+        if len(picked) == wanted:
+            break
+    if bad:
+        print(f"reference: left out {len(bad)} unreadable files:\n  " + "\n  ".join(bad), file=sys.stderr)
+    if not picked or (wanted is not None and len(picked) < wanted):
+        raise ValueError(f"{folder}: only {len(picked)} of {len(files)} images decode, fewer than the "
+                         f"{wanted or 1} needed; replace the files listed above")
+    images = np.stack([picked[i] for i in sorted(picked)])
     stats = None if extractor is None else inception_stats(extractor.extract(images, batch_size))
     return write_reference_npz(out_path, images, stats)
 

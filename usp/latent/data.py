@@ -29,6 +29,7 @@ class LatentData:
             raise ValueError(f"data.image_size={dc.image_size} is not divisible by the {lc.space} VAE factor "
                              f"{self.spec.factor}; use {self.latent_size * self.spec.factor or self.spec.factor}")
         self.sample_posterior, self.augment = lc.sample_posterior, augment
+        self.hflip = dc.hflip  # data.hflip=false (`usp init --no-flip`): the cache's flipped copy is never used
         self.vae: LatentSpace | None = None
         if lc.cache:
             if transform is not None:
@@ -39,7 +40,7 @@ class LatentData:
         else:
             transform = transform or build_transform(dc.image_size, crop or (dc.crop if augment else "center"),
                                                      dc.crop_scale, dc.hflip and augment, dc.normalize)
-            self.dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download)
+            self.dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download, dc.exclude)
             self.vae = LatentSpace.load(lc.space, lc.path, precision=lc.vae_precision,
                                         channels_last=lc.vae_channels_last)
             self.scale, self.shift = self.vae.scale, self.vae.shift
@@ -52,7 +53,7 @@ class LatentData:
         """Per-sample randomness of the latent itself: the flip coin and the posterior noise."""
         out = {}
         if self.cached:
-            out["flip"] = torch.rand(()) < 0.5 if self.augment else torch.tensor(False)
+            out["flip"] = torch.rand(()) < 0.5 if self.augment and self.hflip else torch.tensor(False)
         if self.sample_posterior:
             out["posterior_eps"] = torch.randn(self.spec.channels, self.latent_size, self.latent_size)
         return out

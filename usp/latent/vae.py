@@ -187,11 +187,11 @@ class LatentSpace(nn.Module):
             else:
                 try:
                     vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
-                except OSError as err:  # offline hub id, missing files: diffusers says so in a long OSError
+                except OSError as err:  # offline, or not in the hub cache: name the asset and the local-path key
                     raise FileNotFoundError(
-                        f"cannot load the VAE {path!r} of latent space {name!r} ({str(err).splitlines()[0]}); "
-                        "latent.path takes a local diffusers AutoencoderKL folder (download it once where there "
-                        "is network) or a hub id when online") from err
+                        f"cannot load the VAE {path!r} of latent space {name!r} ({str(err).splitlines()[0]}). "
+                        "Without network: run `usp fetch RECIPE --cache DIR` on a connected machine and set "
+                        "HF_HOME=DIR/hf here, or set latent.path to a local diffusers folder of this VAE") from err
         return cls(name, vae, *scale_and_shift(name, path), precision=precision, channels_last=channels_last)
 
     def check_image_size(self, image_size: int) -> int:

@@ -109,15 +109,36 @@ def unwrap_state_dict(checkpoint: Mapping[str, object]) -> dict[str, torch.Tenso
     return state
 
 
+_WEIGHTS_FILE = re.compile(r"weights_(\d+)\.safetensors$")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A weights argument (model.init, `usp sample`/`reconstruct` weights) -> one file. Accepted: a file; a run
+    folder (its latest exported `checkpoints/weights_*.safetensors`); `RUN/latest`; a checkpoints folder.
+    "Latest" is the highest step in the file name, as the engine's checkpoints are named."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    folder = path.parent if path.name == "latest" else path
+    if not folder.is_dir():
+        raise FileNotFoundError(f"weights {path} does not exist: give a weights file, a run folder or RUN/latest")
+    looked = [folder / "checkpoints", folder]
+    for candidate in looked:
+        found = sorted((int(m.group(1)), p) for p in candidate.glob("weights_*.safetensors")
+                       if (m := _WEIGHTS_FILE.fullmatch(p.name)))
+        if found:
+            return found[-1][1]
+    raise FileNotFoundError(f"no weights in {folder}: looked for weights_<step>.safetensors in "
+                            f"{' and '.join(map(str, looked))}; has the run exported weights yet (train.ckpt_every)?")
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read weights from .safetensors or .pt/.pth/.bin on the CPU, unwrapped as above.
 
     Pickles load with weights_only=True; argparse.Namespace is allowed too, because MAE/USP and DiT
     training checkpoints store their command-line arguments beside the weights.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    path = resolve_checkpoint(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

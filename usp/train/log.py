@@ -84,6 +84,9 @@ class RunLog:
         self._write({"step": step, "eval": metrics})
         self.evaluated_steps.add(step)
         numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        for key, value in metrics.items() if self.writer is not None else ():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"eval/{key}", value, step)
         if self.is_main and numbers:
             log.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
 
@@ -92,5 +95,8 @@ class RunLog:
         if self.file is not None:
             self.file.close()
             self.file = None
+            from usp.train.curve import write_loss_curve
+
+            write_loss_curve(self.path.parent)  # loss.png beside log.jsonl
         if self.writer is not None:
             self.writer.close()

@@ -23,7 +23,7 @@ class VAETask:
         self.config = config
         dc = config.data
         transform = build_transform(dc.image_size, "center", hflip=dc.hflip, normalize="half")
-        self.train_set = build_image_dataset(dc.source, dc.root, dc.split, transform, dc.limit, dc.download)
+        self.train_set = build_image_dataset(dc.source, dc.root, dc.split, transform, dc.limit, dc.download, dc.exclude)
         vc = config.vae
         self.model = SmallVAE(latent_channels=vc.latent_channels, width=vc.width, depth=vc.depth)
         if vc.init_images:  # a resumed run overwrites this with its checkpoint
@@ -43,7 +43,8 @@ class VAETask:
             return {}
         dc = self.config.data
         test = build_image_dataset(dc.source, dc.root, dc.eval_split, build_transform(
-            dc.image_size, "center", hflip=False, normalize="half"), limit=dc.limit, download=dc.download)
+            dc.image_size, "center", hflip=False, normalize="half"), limit=dc.limit, download=dc.download,
+            exclude=dc.exclude)
         model.eval()
         device = next(model.parameters()).device
         mse_sum, count, means = 0.0, 0, []

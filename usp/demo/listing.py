@@ -1,0 +1,48 @@
+"""`usp list [models | latent-spaces | recipes]`: what a recipe may name, one line each, from the tables
+themselves (the model registry, LATENT_SPACES, the shipped recipes' first comment line)."""
+
+from __future__ import annotations
+
+from usp.config import recipes_dir
+
+
+def models() -> list[str]:
+    from usp.models import REGISTRY
+
+    # Which sizes the paper uses: USP pretrains ViT-B/L/XL and fine-tunes DiT/SiT-B/L/XL; t is the CPU demo's.
+    setting = {"t": "CPU demo / tests", "s": "", "b": "paper", "l": "paper", "xl": "paper"}
+    width = max(map(len, REGISTRY))
+    return [f"{name:<{width}}  {entry.description}{'; ' + setting[entry.size] if setting[entry.size] else ''}"
+            for name, entry in REGISTRY.items()]
+
+
+def latent_spaces() -> list[str]:
+    from usp.latent.vae import LATENT_SPACES
+
+    width = max(map(len, LATENT_SPACES))
+    lines = []
+    for name, spec in LATENT_SPACES.items():
+        scale = f"scale {spec.scale}" if spec.scale is not None else "scale from the VAE folder (usp train-vae)"
+        where = spec.default_path or ("latent.path: an LDM .ckpt" if spec.kind == "ldm" else "latent.path: a folder")
+        lines.append(f"{name:<{width}}  {spec.channels} channels, factor {spec.factor} "
+                     f"(256 px -> {256 // spec.factor}²), {scale}, shift {spec.shift}; {where}")
+    return lines
+
+
+def recipes() -> list[str]:
+    root = recipes_dir()
+    lines = []
+    for path in sorted(root.rglob("*.yaml")):
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        lines.append(f"{path.relative_to(root).with_suffix('').as_posix():<32}  {first}")
+    return lines
+
+
+def listing(what: str = "all") -> str:
+    """The text `usp list WHAT` prints."""
+    parts = {"models": models, "latent-spaces": latent_spaces, "recipes": recipes}
+    chosen = parts if what == "all" else {what: parts[what]}
+    blocks = [f"{name}:\n" + "\n".join(f"  {line}" for line in fn()) for name, fn in chosen.items()]
+    if what in ("all", "recipes"):
+        blocks.append(f"(recipes: {recipes_dir()}; run one by name, e.g. `usp pretrain fmnist/pretrain`)")
+    return "\n\n".join(blocks)
