@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
+from usp import CheckpointError, DiskFullError, RunLocked
 from usp.cli import main as cli_main
 from usp.config import load_config
-from usp.errors import CheckpointError, DiskFullError, RunLocked
 from usp.train import checkpoint as ckpt
 from usp.train.engine import NonFiniteLoss, Runtime, train
 from usp.train.tasks import build_task

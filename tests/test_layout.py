@@ -1,6 +1,6 @@
 """The package's shape: every module imports on its own (no import cycles), and the stages are layered.
 
-Layers, low to high: config; models, diffusion, data; latent; evaluate, sample.guided; train; sample.run;
+Layers, low to high: the package root (errors) and config; models, diffusion, data; latent; evaluate, sample.guided; train; sample.run;
 demo; cli. A module may import its own package and lower layers only (read from the source with `ast`,
 function-level imports included), with the exceptions listed in ALLOWED_UPWARD.
 """
@@ -30,7 +30,8 @@ LAYER = {
     "usp.train": 4,
     "usp.sample.run": 5, "usp.sample": 5,
     "usp.demo": 6,
-    "usp.cli": 7, "usp": 7,
+    "usp.cli": 7,
+    "usp": 0,  # the package root: the errors a user can fix, nothing imported
 }
 # Reading a weights file is the checkpoint module's job at every layer: its format is defined once, there.
 ALLOWED_UPWARD = {("usp.evaluate.reconstruct", "usp.train.checkpoint")}

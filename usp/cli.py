@@ -25,7 +25,7 @@ import json
 import re
 import sys
 
-from usp.errors import RunError
+from usp import RunError
 
 TRAIN_COMMANDS = {
     "pretrain": "pretrain",

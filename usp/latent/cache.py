@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from usp.errors import DiskFullError
+from usp import DiskFullError
 from usp.latent.vae import LatentSpace
 
 HEADER_BYTES = 4096

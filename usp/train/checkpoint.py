@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from usp.errors import CheckpointError, DiskFullError, RunError, RunLocked  # noqa: F401 (RunError: re-export)
+from usp import CheckpointError, DiskFullError, RunError, RunLocked  # noqa: F401 (RunError: re-export)
 
 log = logging.getLogger("usp")
 

@@ -23,12 +23,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from usp import RunError
 from usp.config import Config, TrainConfig, save_config
 from usp.data.sampler import DataStream, ResumableSampler, SeededDataset
-from usp.errors import RunError
 from usp.train import checkpoint as ckpt
 from usp.train.checkpoint import RunLock
 from usp.train.dist import Runtime, autocast_dtype, barrier, mean_over_ranks, setup_runtime, wrap_model
+from usp.train.flops import device_peak_flops, mfu, training_flops_per_sample
 from usp.train.log import RunLog, read_log
 from usp.train.optim import apply_lr, build_optimizer, lr_at, param_groups
 from usp.train.state import TrainState, update_ema
@@ -105,7 +106,8 @@ def build_state(config: Config, task: Task, rt: Runtime, plan: Plan) -> TrainSta
     torch.manual_seed(config.run.seed)
     model = task.model.to(rt.device)
     oc = config.optim
-    groups = task.param_groups() if isinstance(task, HasParamGroups) else param_groups(model, oc.weight_decay)
+    groups = (task.param_groups() if isinstance(task, HasParamGroups)
+              else param_groups(model, oc.weight_decay, official=oc.official_param_groups))
     optimizer = build_optimizer(oc.name, groups, lr=config.lr, betas=oc.betas, momentum=oc.momentum, fused=oc.fused)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=autocast_dtype(config.train.amp, rt.device) == torch.float16)
     sampler = ResumableSampler(len(task.train_set), config.run.seed, rt.rank, rt.world_size)
@@ -163,6 +165,12 @@ class Loop:
         self.history: list[dict] = []
         self.running: dict[str, torch.Tensor] = {}
         self.count, self.bad_run, self.rollbacks, self.lr, self.last_time = 0, 0, 0, 0.0, time.perf_counter()
+        try:  # model FLOPs per image, for MFU beside throughput (the peak table knows CUDA devices, not CPUs)
+            self.flops_per_sample = training_flops_per_sample(state.model, config.pretrain.mask_ratio)
+        except TypeError:  # classifiers and the VAE: throughput only
+            self.flops_per_sample = None
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
+        self.peak_flops = device_peak_flops(rt.device, precision)
         oc = config.optim
         log.info(f"{config.run.task}: {plan.total_steps} steps × {self.cfg.global_batch} images "
                  f"({plan.steps_per_epoch} steps/epoch, world {rt.world_size}, accum {self.cfg.accum_steps}), "
@@ -215,6 +223,9 @@ class Loop:
         record = {"step": step, "epoch": step / self.plan.steps_per_epoch, "images_seen": step * cfg.global_batch,
                   "lr": self.lr, **values, "steps_per_s": self.count / cfg.accum_steps / max(now - self.last_time,
                                                                                              1e-9)}
+        record["images_per_s"] = record["steps_per_s"] * cfg.global_batch
+        if self.flops_per_sample is not None and self.peak_flops is not None:  # per device: world-size GPUs share
+            record["mfu"] = mfu(record["images_per_s"] / self.rt.world_size, self.flops_per_sample, self.peak_flops)
         if self.state.skipped:
             record["skipped_steps"] = self.state.skipped
         self.history.append(record)
