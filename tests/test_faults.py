@@ -395,7 +395,7 @@ def test_9_user_errors_are_one_line_with_exit_2(fmnist_overrides, tmp_path, caps
                            "--out", str(tmp_path / "c")],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "latent.path takes a local diffusers AutoencoderKL folder" in proc.stderr
+    assert "set latent.path to a local diffusers folder of this VAE" in proc.stderr
 
 
 # --------------------------------------------------------------------------------------------
