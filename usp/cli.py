@@ -46,6 +46,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from usp.train.engine import setup_runtime, train
     from usp.train.tasks import build_task
 
+    if args.command == "probe" and args.recipe and args.recipe.endswith((".safetensors", ".pt")):
+        return cmd_probe_backbone(args)
     if getattr(args, "fast", False):
         return cmd_probe_fast(args)
     config = _recipe(args, TRAIN_COMMANDS[args.command])
@@ -65,6 +67,19 @@ def cmd_probe_fast(args: argparse.Namespace) -> None:
     config = _recipe(args, "probe")
     result = fast_probe(config)
     print(json.dumps(result, indent=1))
+
+
+def cmd_probe_backbone(args: argparse.Namespace) -> None:
+    from usp.evaluate.backbone_probe import format_table, probe_backbone
+
+    result = probe_backbone(args.recipe, args.overrides, blocks=args.blocks, noise_levels=args.noise_levels,
+                            model_name=args.model)
+    print(json.dumps(result, indent=1))
+    print(format_table(result))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -140,8 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "none: start fresh (refuses to overwrite); or a state_*.pt path")
         p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
         if name == "probe":
+            p.description += ("\n   or: usp probe runs/fmnist-dit-usp/checkpoints/weights_0001500.safetensors "
+                              "--blocks 2 4 --noise-levels 0.1 0.5   (a DiT/SiT backbone)")
             p.add_argument("--fast", action="store_true",
                            help="frozen features once + logistic regression and k-NN (NOT the paper's protocol)")
+            p.add_argument("--blocks", type=_positive_int, default=[2, 4], nargs="+",
+                           help="DiT/SiT checkpoint: probe the mean-pooled tokens after these blocks (from 1)")
+            p.add_argument("--noise-levels", type=_unit_float, default=[0.1, 0.5], nargs="+",
+                           help="DiT/SiT checkpoint: noise levels s in [0, 1] (0 = data, 1 = noise)")
+            p.add_argument("--model", help="DiT/SiT checkpoint without usp metadata: its registry name")
+            p.add_argument("--out", help="DiT/SiT checkpoint: also write the result JSON here")
         p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cache-latents", help="encode a dataset once into a memory-mapped latent cache")
@@ -191,6 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_reconstruct)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1] (0 = data, 1 = noise), got {text}")
+    return value
 
 
 def _has_cuda() -> bool:
