@@ -10,6 +10,9 @@ Examples:
   usp sample runs/fmnist-dit-usp/checkpoints/weights_0002000.safetensors --num-samples 1000
   usp evaluate VIRTUAL_imagenet256_labeled.npz samples_50000.npz --out metrics.json
   usp probe configs/fmnist/probe.yaml --fast
+  usp probe configs/fmnist/probe.yaml            # the paper's linear probe (LARS); result.json in the run folder
+  usp classify configs/fmnist/classify.yaml      # full fine-tuning, Table 13 augmentation
+  usp probe runs/fmnist-dit-usp/checkpoints/weights_0001500.safetensors --blocks 2 4 --noise-levels 0.1 0.5
 """
 
 from __future__ import annotations
