@@ -166,8 +166,10 @@ class Demo:
         from usp.train.tasks.classification import fast_probe, fast_protocol
 
         limit = self.budget("probe_train")
-        # 5 epochs of the probe recipe (LARS travel ~12, see usp.train.optim.LARS); a quick run only checks it runs.
-        epochs, batch = (1, 128) if self.quick else (5, 1024)
+        # 5 epochs of the probe recipe (LARS travel ~12, see usp.train.optim.LARS) at batch 256: the cost is the
+        # 50 k encoder passes whatever the batch, and 195 smaller steps converge further than 45 (on these frozen
+        # features, 68.9 % vs 66.2 %; 10 epochs reach 72.6 %, logistic regression 72.9 %). Quick: runs, no more.
+        epochs, batch = (1, 128) if self.quick else (5, 256)
         results = {}
         for name, init in (("usp", usp_weights), ("random_init", None)):
             config = self.recipe("probe", *self.latent_overrides(), f"data.limit={limit}",
