@@ -27,7 +27,10 @@ def test_demo_quick_end_to_end(tmp_path):
         for record in results[name]["evals"]:
             assert math.isfinite(record["domain_fd"]) and 0.0 <= record["class_agreement"] <= 1.0
     for name in ("usp", "random_init", "raw_pixels"):
-        assert 0.0 <= results["probe"][name]["logistic_top1"] <= 100.0
+        assert 0.0 <= results["probe"][name]["fast"]["logistic_top1"] <= 100.0
+    for name in ("usp", "random_init"):  # the paper's protocol, with its card
+        assert 0.0 <= results["probe"][name]["paper"]["top1"] <= 100.0
+        assert results["probe"][name]["paper"]["protocol"]["features"]["pooling"] == "cls token"
     # Every image the report shows exists and decodes.
     images = re.findall(r"\]\(([^)]+\.png)\)", report)
     assert len(images) >= 8

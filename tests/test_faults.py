@@ -491,7 +491,7 @@ def _chaos(tmp_path: Path, argv: list[str], run_dir: Path, final: int, plan: lis
 def _finals(run_dir: Path, final: int) -> dict:
     state = ckpt.load_state(run_dir / "checkpoints" / f"state_{final:07d}.pt")
     weights, _ = ckpt.load_weights(run_dir / "checkpoints" / f"weights_{final:07d}.safetensors")
-    rows = [{k: v for k, v in json.loads(line).items() if k != "steps_per_s"}
+    rows = [{k: v for k, v in json.loads(line).items() if k not in ("steps_per_s", "images_per_s", "mfu")}  # timings
             for line in (run_dir / "log.jsonl").read_text().splitlines()]
     samples = {p.name: p.read_bytes() for p in sorted((run_dir / "samples").glob("*.png"))}
     return {"model": ckpt.digest(state["model"]), "ema": ckpt.digest(state.get("ema")),

@@ -1,8 +1,8 @@
 """The package's shape: every module imports on its own (no import cycles), and the stages are layered.
 
-Layers, low to high: the package root (errors) and config; models, diffusion, data; latent; evaluate, sample.guided; train; sample.run;
-demo; cli. A module may import its own package and lower layers only (read from the source with `ast`,
-function-level imports included), with the exceptions listed in ALLOWED_UPWARD.
+Layers, low to high: the package root (errors) and config; models, diffusion, data; latent; evaluate,
+sample.guided; train; sample.run; demo; cli. A module may import its own package and lower layers only
+(read from the source with `ast`, function-level imports included), with the exceptions in ALLOWED_UPWARD.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ Examples:
   usp list recipes
   usp reference my_images/val --out ref.npz --image-size 32
   usp fetch pretrain/vit_b_2_sdvae_224 --cache usp_assets     # on a connected machine, for offline jobs
+  usp probe configs/fmnist/probe.yaml            # the paper's linear probe (LARS); result.json in the run folder
+  usp classify configs/fmnist/classify.yaml      # full fine-tuning, Table 13 augmentation
+  usp probe runs/fmnist-dit-usp/checkpoints/weights_0001500.safetensors --blocks 2 4 --noise-levels 0.1 0.5
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from usp.train.engine import setup_runtime, train
     from usp.train.tasks import build_task
 
+    if args.command == "probe" and args.recipe and args.recipe.endswith((".safetensors", ".pt")):
+        return dry_run(args) if args.dry_run else cmd_probe_backbone(args)
     config = _recipe(args, TRAIN_COMMANDS[args.command])
     if args.dry_run:
         print(config.to_yaml())
@@ -82,6 +87,19 @@ def dry_run(args: argparse.Namespace) -> None:
     print(json.dumps(plan, indent=1, default=str))
     if args.command == "cache-latents":
         print(_recipe(args).to_yaml())
+
+
+def cmd_probe_backbone(args: argparse.Namespace) -> None:
+    from usp.evaluate.backbone_probe import format_table, probe_backbone
+
+    result = probe_backbone(args.recipe, args.overrides, blocks=args.blocks, noise_levels=args.noise_levels,
+                            model_name=args.model)
+    print(json.dumps(result, indent=1))
+    print(format_table(result))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -209,8 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "none: start fresh (refuses to overwrite); or a state_*.pt path")
         p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
         if name == "probe":
+            p.description += ("\n   or: usp probe runs/fmnist-dit-usp/checkpoints/weights_0001500.safetensors "
+                              "--blocks 2 4 --noise-levels 0.1 0.5   (a DiT/SiT backbone)")
             p.add_argument("--fast", action="store_true",
                            help="frozen features once + logistic regression and k-NN (NOT the paper's protocol)")
+            p.add_argument("--blocks", type=_positive_int, default=[2, 4], nargs="+",
+                           help="DiT/SiT checkpoint: probe the mean-pooled tokens after these blocks (from 1)")
+            p.add_argument("--noise-levels", type=_unit_float, default=[0.1, 0.5], nargs="+",
+                           help="DiT/SiT checkpoint: noise levels s in [0, 1] (0 = data, 1 = noise)")
+            p.add_argument("--model", help="DiT/SiT checkpoint without usp metadata: its registry name")
+            p.add_argument("--out", help="DiT/SiT checkpoint: also write the result JSON here")
         p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cache-latents", help="encode a dataset once into a memory-mapped latent cache")
@@ -317,6 +343,18 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             return rest + argv[i:], overrides
         (overrides if _OVERRIDE.match(token) else rest).append(token)
     return rest, overrides
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1] (0 = data, 1 = noise), got {text}")
+    return value
 
 
 def _has_cuda() -> bool:

@@ -139,6 +139,10 @@ class ClassifyConfig:
     label_smoothing: float = 0.0
     randaug: str | None = None  # timm auto-augment string, e.g. rand-m9-mstd0.5-inc1
     random_erasing: float = 0.0
+    # LARS probe: the head's lr is multiplied by this / training images, so one epoch moves the head as far
+    # as one epoch of the paper's ImageNet probe (LARS steps are a fixed fraction of ‖w‖; see optim.LARS).
+    # None: the plain blr × batch / 256 rule.
+    lars_reference_images: int | None = 1_281_167
 
 
 @dataclass

@@ -157,22 +157,37 @@ class Demo:
         return {"run_dir": str(config.run_dir), "evals": evals, "final": evals[-1] if evals else {}}
 
     def probe(self, usp_weights: str) -> dict:
+        """The paper's linear probe (LARS, BN + linear on the frozen cls token) and the fast read-out (logistic
+        regression, k-NN) of the USP encoder and of the same encoder at random init; logistic on raw pixels."""
         from usp.data.fashion_mnist import load_fashion_mnist
         from usp.evaluate.probes import logistic_regression
-        from usp.train.tasks.classification import fast_probe
+        from usp.train.engine import train
+        from usp.train.tasks import build_task
+        from usp.train.tasks.classification import fast_probe, fast_protocol
 
         limit = self.budget("probe_train")
+        # 5 epochs of the probe recipe (LARS travel ~12, see usp.train.optim.LARS) at batch 256: the cost is the
+        # 50 k encoder passes whatever the batch, and 195 smaller steps converge further than 45 (on these frozen
+        # features, 68.9 % vs 66.2 %; 10 epochs reach 72.6 %, logistic regression 72.9 %). Quick: runs, no more.
+        epochs, batch = (1, 128) if self.quick else (5, 256)
         results = {}
         for name, init in (("usp", usp_weights), ("random_init", None)):
             config = self.recipe("probe", *self.latent_overrides(), f"data.limit={limit}",
-                                 f"model.init={init if init else 'null'}", f"run.name=probe-{name}")
-            results[name] = fast_probe(config)
+                                 f"model.init={init if init else 'null'}", f"run.name=probe-{name}",
+                                 f"train.epochs={epochs}", f"train.global_batch={batch}")
+            start = time.perf_counter()
+            train(config, build_task(config), resume="auto")
+            paper = json.loads((config.run_dir / "result.json").read_text())
+            paper["seconds"] = time.perf_counter() - start
+            results[name] = {"paper": paper, "fast": fast_probe(config)}
         train_x, train_y = load_fashion_mnist(None, "train")
         test_x, test_y = load_fashion_mnist(None, "test")
         start = time.perf_counter()
         raw = logistic_regression(_pixels(train_x[:limit]), torch.tensor(train_y[:limit]), _pixels(test_x),
                                   torch.tensor(test_y))
-        results["raw_pixels"] = {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start}
+        features = {"layer": "none", "pooling": "none", "norm": "raw 28×28 pixels, standardised"}
+        results["raw_pixels"] = {"fast": {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start,
+                                          "protocol": fast_protocol(features, limit, None)}}
         return results
 
     def run(self) -> Path:

@@ -1,7 +1,8 @@
 """The dataset every latent task reads: cached VAE moments or images encoded on the fly by the frozen VAE.
 
 Cached: items carry moments (2, 2C, h, w) of the image and its flip, and the task picks one by a per-sample
-coin. On the fly: items carry images, which the frozen VAE encodes on the training device.
+coin (only when the split is augmented and `data.hflip` is true). On the fly: items carry images, which the
+frozen VAE encodes on the training device.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class LatentData:
             raise ValueError(f"data.image_size={dc.image_size} is not divisible by the {lc.space} VAE factor "
                              f"{self.spec.factor}; use {self.latent_size * self.spec.factor or self.spec.factor}")
         self.sample_posterior, self.augment = lc.sample_posterior, augment
-        self.hflip = dc.hflip  # data.hflip=false (`usp init --no-flip`): the cache's flipped copy is never used
+        # The cached flipped copy is drawn only where the image path would flip: augmented splits with data.hflip.
+        self.flip = augment and dc.hflip
         self.vae: LatentSpace | None = None
         if lc.cache:
             if transform is not None:
@@ -53,7 +55,7 @@ class LatentData:
         """Per-sample randomness of the latent itself: the flip coin and the posterior noise."""
         out = {}
         if self.cached:
-            out["flip"] = torch.rand(()) < 0.5 if self.augment and self.hflip else torch.tensor(False)
+            out["flip"] = torch.rand(()) < 0.5 if self.flip else torch.tensor(False)
         if self.sample_posterior:
             out["posterior_eps"] = torch.randn(self.spec.channels, self.latent_size, self.latent_size)
         return out

@@ -121,6 +121,14 @@ class LARS(torch.optim.Optimizer):
     For a weight (ndim > 1) with gradient g:  u = g + wd·p;  u ← u · η‖p‖/‖u‖ (1 when either norm is 0).
     Biases and norm parameters (ndim ≤ 1) use u = g: no weight decay and no trust ratio.
     Then, for every parameter:  μ ← momentum·μ + u;  p ← p − lr·μ  (μ starts at 0, so μ₁ = u₁).
+
+    Scale: a weight's step is lr·η·‖p‖ whatever its gradient, so over a run a weight can grow or turn by at
+    most about `lars_travel` = η·Σ_t lr_t / (1 − momentum) (in log-norm, or radians). With lr = blr·batch/256
+    that sum is blr·epochs·images/256 (times the schedule's mean): the batch size cancels but the dataset
+    size does not. The paper's probe (blr 0.1, 90 epochs, ImageNet's 1.28 M images) has a travel of ~220;
+    the same blr on 60 k images for 10 epochs gives ~1 and on a few thousand images ~0.1, where a head
+    initialised at std 0.01 keeps its random direction. `ClassifierTask` scales the probe's lr by
+    reference images / dataset images (`classify.lars_reference_images`) to keep the paper's travel per epoch.
     """
 
     def __init__(
@@ -163,6 +171,12 @@ class LARS(torch.optim.Optimizer):
                 mu.mul_(group["momentum"]).add_(update)
                 p.add_(mu, alpha=-group["lr"])
         return loss
+
+
+def lars_travel(lrs: Iterable[float], momentum: float = 0.9, trust_coefficient: float = 0.001) -> float:
+    """η·Σ lr_t / (1 − momentum): how far (log-norm or radians) LARS can move a weight over the given
+    per-step learning rates. Below ~2 a randomly initialised linear head cannot turn to the right direction."""
+    return trust_coefficient * sum(lrs) / (1.0 - momentum)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,14 +31,17 @@ class LinearProbeHead(nn.Sequential):
     """BatchNorm1d(dim, affine=False, eps=1e-6) -> Linear(dim, num_classes): keys `0.running_mean`, `1.weight`.
 
     The parameter-free BN whitens the frozen features so one LARS lr fits every encoder (MAE, Sec. A.2);
-    the linear layer starts at trunc-normal std 0.01 and zero bias (MoCo v3's probe init).
+    the linear layer starts at trunc-normal std 0.01 and zero bias (MoCo v3's probe init). The BN keeps a
+    cumulative average (momentum None), not an exponential one: the encoder is frozen, so its feature
+    statistics never drift, and after k steps the running estimate is the mean over all k batches instead of
+    0.9^k of BN's initial (0, 1) — on a short probe that initial value would skew every evaluation.
     """
 
     def __init__(self, dim: int, num_classes: int):
         linear = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(linear.weight, std=0.01)
         nn.init.zeros_(linear.bias)
-        super().__init__(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+        super().__init__(nn.BatchNorm1d(dim, affine=False, eps=1e-6, momentum=None), linear)
 
 
 def _feature_dim(model: VisionTransformer) -> int:
@@ -46,6 +49,16 @@ def _feature_dim(model: VisionTransformer) -> int:
         return model.head.in_features
     final_norm = model.fc_norm if model.global_pool else model.norm
     return final_norm.normalized_shape[0]
+
+
+def feature_protocol(model: VisionTransformer) -> dict[str, str]:
+    """Which features a classifier of `model` reads: layer, pooling, normalisation (for every probe result)."""
+    depth = model.num_layers
+    if model.global_pool:
+        return {"layer": f"output of block {depth} of {depth} (last)", "pooling": "mean of patch tokens (no cls)",
+                "norm": "after the final LayerNorm (fc_norm)"}
+    return {"layer": f"output of block {depth} of {depth} (last)", "pooling": "cls token",
+            "norm": "after the final LayerNorm (norm)"}
 
 
 def prepare_linear_probe(model: VisionTransformer, num_classes: int) -> None:
@@ -73,6 +86,40 @@ def set_probe_train_mode(model: VisionTransformer) -> VisionTransformer:
 # --------------------------------------------------------------------------------------------
 # Fine-tuning augmentation and loss (paper protocol)
 # --------------------------------------------------------------------------------------------
+
+
+def _posterize(img, bits_to_keep: int, **_):
+    """Posterize that accepts 0 bits: RandAugment's increasing posterize keeps 4 - ⌊4·m/10⌋ bits, i.e. 0 at
+    magnitude 10 (reached by m9 with mstd 0.5), which Pillow ≥ 10 rejects ("bits must be between 1 and 8").
+    Keeping 0 bits is a black image, what older Pillow returned for it."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def build_classify_transform(config: Config):
+    """The fine-tuning image transform (MAE Table 10 / USP Table 13): RandomResizedCrop + flip, RandAugment,
+    normalisation, random erasing, via timm; its posterize ops use `_posterize` (in this instance only)."""
+    from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment
+
+    from usp.data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    cc, dc = config.classify, config.data
+    mean, std = ((0.5,) * 3, (0.5,) * 3) if dc.normalize == "half" else (IMAGENET_MEAN, IMAGENET_STD)
+    transform = create_transform(dc.image_size, is_training=True, auto_augment=cc.randaug,
+                                 re_prob=cc.random_erasing, interpolation="bicubic", mean=mean, std=std,
+                                 scale=dc.crop_scale, hflip=0.5 if dc.hflip else 0.0)
+    for step in transform.transforms:
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
+    return transform
 
 
 def build_mixup(
@@ -130,23 +177,32 @@ def build_classifier(config: Config, latent_size: int, channels: int) -> nn.Modu
     return model
 
 
+def lars_lr_scale(config: Config, num_images: int) -> float:
+    """The LARS probe's weight-lr multiplier: classify.lars_reference_images / training images (1 otherwise).
+
+    LARS moves a weight by lr·η·‖w‖ per step whatever its gradient, so with lr = blr·batch/256 a run moves
+    the head by η·blr·epochs·images/256/(1 − momentum): the paper's blr 0.1 holds the travel of ImageNet
+    epochs, and on 60 k images the same blr travels 21× less (see usp.train.optim.LARS). The multiplier
+    restores the paper's travel per epoch; on ImageNet itself it is 1.
+    """
+    if config.optim.name != "lars" or not config.classify.lars_reference_images:
+        return 1.0
+    return config.classify.lars_reference_images / num_images
+
+
 class ClassifierTask:
     """ViT classification on latents: the linear probe (`usp probe`, frozen encoder, BN + linear head,
-    LARS) or full fine-tuning (`usp classify`, layer-wise lr decay, mixup/cutmix, label smoothing)."""
+    LARS) or full fine-tuning (`usp classify`, layer-wise lr decay, mixup/cutmix, label smoothing).
+
+    At the end of the run `result.json` in the run folder holds top-1/top-5 and the protocol that gave them.
+    """
 
     def __init__(self, config: Config):
         self.config, self.probe = config, config.run.task == "probe"
-        cc, dc = config.classify, config.data
+        cc = config.classify
         transform = None
         if not self.probe and (cc.randaug or cc.random_erasing):
-            from timm.data import create_transform
-
-            from usp.data.images import IMAGENET_MEAN, IMAGENET_STD
-
-            mean, std = ((0.5,) * 3, (0.5,) * 3) if dc.normalize == "half" else (IMAGENET_MEAN, IMAGENET_STD)
-            transform = create_transform(dc.image_size, is_training=True, auto_augment=cc.randaug,
-                                         re_prob=cc.random_erasing, interpolation="bicubic", mean=mean, std=std,
-                                         scale=dc.crop_scale, hflip=0.5 if dc.hflip else 0.0)
+            transform = build_classify_transform(config)
         self.data = LatentData(config, config.data.split, augment=True, transform=transform)
         self.train_set = self.data.dataset
         self.model = build_classifier(config, self.data.latent_size, self.data.spec.channels)
@@ -155,15 +211,63 @@ class ClassifierTask:
         self.mixup, self.criterion = build_mixup(mixup_alpha=cc.mixup, cutmix_alpha=cc.cutmix,
                                                  label_smoothing=cc.label_smoothing,
                                                  num_classes=config.model.num_classes)
+        self.lr_scale = lars_lr_scale(config, len(self.train_set))
+        if self.lr_scale != 1.0 and os.environ.get("RANK", "0") == "0":
+            print(f"LARS: weight lr × {self.lr_scale:.3g} ({cc.lars_reference_images} reference / "
+                  f"{len(self.train_set)} training images), so an epoch moves the head as far as a paper epoch; "
+                  "classify.lars_reference_images=null keeps blr × batch / 256", flush=True)
         self._eval_data: LatentData | None = None
+
+    def extras(self) -> dict:
+        return self.data.extras()  # the flip coin of a cached latent, posterior noise
 
     def param_groups(self) -> list[dict]:
         from usp.train.optim import param_groups
 
         if self.config.optim.layer_decay is None:
-            return param_groups(self.model, self.config.optim.weight_decay)
-        return param_groups(self.model, self.config.optim.weight_decay, layer_decay=self.config.optim.layer_decay,
-                            num_layers=self.model.num_layers)
+            groups = param_groups(self.model, self.config.optim.weight_decay)
+        else:
+            groups = param_groups(self.model, self.config.optim.weight_decay,
+                                  layer_decay=self.config.optim.layer_decay, num_layers=self.model.num_layers)
+        for group in groups:  # only LARS's trust-ratio (matrix) weights; biases keep the blr rule
+            if all(p.ndim > 1 for p in group["params"]):
+                group["lr_scale"] *= self.lr_scale
+        return groups
+
+    def protocol(self) -> dict:
+        """What a result of this run means: features, classifier, augmentation, schedule."""
+        config, cc, dc, oc = self.config, self.config.classify, self.config.data, self.config.optim
+        if self.data.cached:
+            augmentation = "horizontal flip of the cached latent (p 0.5)" if self.data.flip else "none"
+            augmentation += " (cached latents: no crop)"
+        else:
+            augmentation = (f"RandomResizedCrop(scale {list(dc.crop_scale)})" if dc.crop == "random_resized"
+                            else f"{dc.crop} crop") + (" + horizontal flip" if dc.hflip else "")
+            if cc.randaug:
+                augmentation += f" + RandAugment {cc.randaug}"
+            if cc.random_erasing:
+                augmentation += f" + random erasing {cc.random_erasing}"
+        if cc.mixup or cc.cutmix:
+            augmentation += f" + mixup {cc.mixup} / cutmix {cc.cutmix}"
+        if self.probe:
+            classifier = (f"BatchNorm1d(affine=False) + linear (init std 0.01), frozen encoder in eval mode; "
+                          f"{oc.name.upper()} momentum {oc.momentum}, weight decay {oc.weight_decay}")
+        else:
+            classifier = (f"full fine-tuning, {oc.name} weight decay {oc.weight_decay}, layer decay {oc.layer_decay}"
+                          f", drop path {config.model.drop_path}, label smoothing {cc.label_smoothing}")
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        lr = config.lr * self.lr_scale
+        return {"name": "linear probe (paper protocol, Table 12)" if self.probe
+                else "full fine-tuning (paper protocol, Table 13)",
+                "init": config.model.init or "random",
+                "features": feature_protocol(model) if self.probe else "all weights trained",
+                "classifier": classifier,
+                "schedule": f"{config.train.epochs:g} epochs (max_steps {config.train.max_steps}), batch "
+                            f"{config.train.global_batch}, peak lr {config.lr:.4g} (blr {oc.blr} × batch/256)"
+                            + (f", weights × {self.lr_scale:.4g} = {lr:.4g}" if self.lr_scale != 1.0 else "")
+                            + f", {oc.warmup_epochs:g} warm-up epochs, {oc.schedule}",
+                "augmentation": augmentation,
+                "train_images": len(self.train_set)}
 
     def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         if self.probe:  # frozen encoder in eval mode; only the head's BatchNorm collects statistics
@@ -178,7 +282,10 @@ class ClassifierTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int, run_dir: Path, runtime, final: bool) -> dict:
-        """Top-1 / top-5 on the evaluation split (centre crop, posterior mean), sharded across ranks."""
+        """Top-1 / top-5 on the evaluation split (centre crop, posterior mean), sharded across ranks; at the
+        end also `result.json` (metrics + protocol), printed."""
+        import json
+
         import torch.distributed as dist
 
         if self._eval_data is None:
@@ -196,8 +303,12 @@ class ClassifierTask:
         if runtime.world_size > 1:
             dist.all_reduce(correct)
             dist.all_reduce(total)
-        return {"top1": 100 * correct[0].item() / total.item(), "top5": 100 * correct[1].item() / total.item()}
-
+        metrics = {"top1": 100 * correct[0].item() / total.item(), "top5": 100 * correct[1].item() / total.item()}
+        if final and runtime.is_main:
+            result = {**metrics, "step": step, "eval_images": int(total.item()), "protocol": self.protocol()}
+            (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+            print(json.dumps(result, indent=1), flush=True)
+        return metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,7 +327,17 @@ def encode_split(model: VisionTransformer, data, batch_size: int = 500) -> tuple
     return torch.cat(features), torch.cat(labels)
 
 
-def fast_probe(config) -> dict[str, float | str]:
+def fast_protocol(features: dict | str, train_images: int, init: str | None) -> dict:
+    """The protocol card of a frozen-feature read-out (`fast_probe`, backbone probes, raw pixels)."""
+    return {"name": "fast read-out (NOT the paper's linear probe)", "init": init or "random",
+            "features": features,
+            "classifier": "logistic regression on standardised features (L-BFGS, 30 iterations, weight decay 1e-3);"
+                          " k-NN (k 20, cosine, temperature 0.07)",
+            "augmentation": "none (features computed once, unflipped, posterior mean)",
+            "schedule": "full batch, 30 L-BFGS iterations", "train_images": train_images}
+
+
+def fast_probe(config) -> dict:
     """Logistic regression and k-NN on frozen encoder features of the recipe's train / eval splits."""
     import time
 
@@ -230,4 +351,5 @@ def fast_probe(config) -> dict[str, float | str]:
     logistic = logistic_regression(train_x, train_y, test_x, test_y)
     knn = knn_accuracy(train_x, train_y, test_x, test_y)
     return {"logistic_top1": logistic["top1"], "logistic_top5": logistic["top5"], "knn_top1": knn["top1"],
-            "seconds": time.perf_counter() - start, "protocol": "fast (not the paper's linear probe)"}
+            "seconds": time.perf_counter() - start,
+            "protocol": fast_protocol(feature_protocol(model), len(train_y), config.model.init)}
