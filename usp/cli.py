@@ -114,6 +114,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def cmd_compare_run(args: argparse.Namespace) -> None:
+    from usp.evaluate.compare import FD_TOL, LOSS_TOL, compare, format_comparison, load_runs
+
+    run = load_runs(args.run)
+    if len(run) != 1:
+        raise ValueError(f"RUN must be one run (a folder with log.jsonl); {args.run} holds {len(run)}")
+    references = load_runs(args.reference)
+    loss_tol = LOSS_TOL if args.loss_tol is None else args.loss_tol
+    fd_tol = FD_TOL if args.fd_tol is None else args.fd_tol
+    result = compare(run[0], references, loss_tol=loss_tol, fd_tol=fd_tol, patience=args.patience)
+    print(format_comparison(result, run[0].name, [r.name for r in references], loss_tol, fd_tol, args.patience))
+    if result.diverged:
+        raise SystemExit(1)
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     from usp.evaluate.reconstruct import reconstruct_grid
 
@@ -182,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("compare-run", help="a run against a reference: loss, lr, FD side by side; where it diverges",
+                       formatter_class=argparse.RawTextHelpFormatter,
+                       description="example: usp compare-run demo_out/runs/fmnist-sit-usp docs/demo/reference/sit_usp\n"
+                                   "exit status: 0 within the reference's band, 1 when the run leaves it")
+    p.add_argument("run", help="a run folder (holding log.jsonl) or its log.jsonl")
+    p.add_argument("reference", help="a run folder, a log.jsonl, or a folder of run folders (several seeds: "
+                                     "their envelope is the band)")
+    p.add_argument("--loss-tol", type=_fraction, help="relative loss tolerance around the band "
+                                                      "(default: usp.evaluate.compare.LOSS_TOL, 0.05)")
+    p.add_argument("--fd-tol", type=_fraction, help="relative FD tolerance, on top of 2 × the bootstrap "
+                                                    "error (default: usp.evaluate.compare.FD_TOL, 0.10)")
+    p.add_argument("--patience", type=_positive, default=2, help="consecutive logged steps outside the band that "
+                                                           "count as leaving it (default 2)")
+    p.set_defaults(func=cmd_compare_run)
+
     p = sub.add_parser("reconstruct", help="the restoration figure: original | masked | reconstruction")
     p.add_argument("weights", help="weights_*.safetensors of a pretraining run")
     p.add_argument("overrides", nargs="*", help="recipe overrides for the data, e.g. data.root=...")
@@ -191,6 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_reconstruct)
     return parser
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), e.g. 0.05 for 5 %; got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def _has_cuda() -> bool:
