@@ -110,7 +110,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from usp.demo.pipeline import run_demo
 
-    report = run_demo(args.out, quick=args.quick, seed=args.seed)
+    report = run_demo(args.out, quick=args.quick, seed=args.seed, full=args.full)
     print(f"report: {report}")
 
 
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="example: usp demo --out demo_out   (resumable: finished stages are skipped)")
     p.add_argument("--out", default="demo_out", help="output folder (report.md, PNGs, runs)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the whole pipeline in minutes")
+    p.add_argument("--full", action="store_true",
+                   help="the reproduction (about an hour on 2 CPU cores): longer pretraining, DiT and SiT from USP "
+                        "and from scratch, 1 000 steps, two seeds, steps-to-reach table")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
