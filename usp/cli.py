@@ -115,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_compare_run(args: argparse.Namespace) -> None:
-    from usp.evaluate.compare import FD_TOL, LOSS_TOL, compare, format_comparison, load_runs
+    from usp.evaluate.compare import FD_TOL, LOSS_TOL, SKIP, compare, format_comparison, load_runs
 
     run = load_runs(args.run)
     if len(run) != 1:
@@ -123,8 +123,10 @@ def cmd_compare_run(args: argparse.Namespace) -> None:
     references = load_runs(args.reference)
     loss_tol = LOSS_TOL if args.loss_tol is None else args.loss_tol
     fd_tol = FD_TOL if args.fd_tol is None else args.fd_tol
-    result = compare(run[0], references, loss_tol=loss_tol, fd_tol=fd_tol, patience=args.patience)
-    print(format_comparison(result, run[0].name, [r.name for r in references], loss_tol, fd_tol, args.patience))
+    skip = SKIP if args.skip is None else args.skip
+    result = compare(run[0], references, loss_tol=loss_tol, fd_tol=fd_tol, patience=args.patience, skip=skip)
+    print(format_comparison(result, run[0].name, [r.name for r in references], loss_tol, fd_tol, args.patience,
+                            skip))
     if result.diverged:
         raise SystemExit(1)
 
@@ -213,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "error (default: usp.evaluate.compare.FD_TOL, 0.10)")
     p.add_argument("--patience", type=_positive, default=2, help="consecutive logged steps outside the band that "
                                                            "count as leaving it (default 2)")
+    p.add_argument("--skip", type=_fraction, help="fraction of the matching steps shown but not judged: the "
+                                                  "initial transient, where seeds differ by their random init "
+                                                  "(default: usp.evaluate.compare.SKIP, 0.2)")
     p.set_defaults(func=cmd_compare_run)
 
     p = sub.add_parser("reconstruct", help="the restoration figure: original | masked | reconstruction")
