@@ -63,6 +63,17 @@ def _probe_gap(probe: dict) -> float | None:
     return None
 
 
+def _steps_to_reach_lines(verdict: dict, usp_seeds: list[int]) -> list[str]:
+    lines = [f"Steps to reach scratch's final figure (scratch ran {verdict[usp_seeds[0]]['scratch_steps']} steps):",
+             "", "| USP seed | scratch's final FD | USP reaches it at step | scratch's final loss | "
+             "USP reaches it at step |", "| --- | --- | --- | --- | --- |"]
+    for s in usp_seeds:
+        v = verdict[s]
+        lines.append(f"| {s} | {_fmt(v['scratch_final_fd'])} | {_fmt(v['fd_reached_at'])} | "
+                     f"{_fmt(v['scratch_final_loss'], 4)} | {_fmt(v['loss_reached_at'])} |")
+    return lines
+
+
 def write_report(out: Path, results: dict, mode: str, seed: int) -> Path:
     """Write out/report.md, its PNGs, out/results.json and out/logs/<run>/log.jsonl; returns the report path."""
     arms = [k for k, v in results.items() if isinstance(v, dict) and "arm" in v]
@@ -150,13 +161,8 @@ def write_report(out: Path, results: dict, mode: str, seed: int) -> Path:
         for s in usp_seeds:
             sentences.append(verdict_sentence(name, s, verdict[s]))
         lines += [f"- {sentences[-len(usp_seeds) + i]}" for i in range(len(usp_seeds))]
-        lines += ["", f"Steps to reach scratch's final figure (scratch ran {verdict[usp_seeds[0]]['scratch_steps']} "
-                  "steps):", "", "| USP seed | scratch's final FD | USP reaches it at step | scratch's final loss | "
-                  "USP reaches it at step |", "| --- | --- | --- | --- | --- |"]
-        for s in usp_seeds:
-            v = verdict[s]
-            lines.append(f"| {s} | {_fmt(v['scratch_final_fd'])} | {_fmt(v['fd_reached_at'])} | "
-                         f"{_fmt(v['scratch_final_loss'], 4)} | {_fmt(v['loss_reached_at'])} |")
+        if len(logs[f"{family}_usp_s{usp_seeds[0]}"][1]) > 1:  # with one evaluation there is nothing to reach
+            lines += ["", *_steps_to_reach_lines(verdict, usp_seeds)]
         lines.append("")
         loss_series = {_label(k): ([r["step"] for r in logs[k][0]], [r["loss"] for r in logs[k][0]]) for k in keys}
         _plot(out / f"{family}_loss.png", loss_series, "training loss", f"{name} fine-tuning loss")
