@@ -218,8 +218,12 @@ def test_domain_classifier_round_trip_and_metrics(tmp_path):
     np.testing.assert_allclose(evaluator.features(as_uint8), feats, rtol=1e-4, atol=1e-4)
     assert evaluator.predict(fake).shape == (64,)
     metrics = domain_metrics(evaluator, fake, labels[64:128], real)
-    assert set(metrics) == {"domain_fd", "class_agreement"}
+    assert set(metrics) == {"domain_fd", "domain_fd_se", "class_agreement", "samples"}
     assert math.isfinite(metrics["domain_fd"]) and 0.0 <= metrics["class_agreement"] <= 1.0
+    # The bootstrap error of the FD is positive and shrinks with the sample count (roughly as 1/sqrt(N)).
+    many = domain_metrics(evaluator, to_rgb32(images[128:1152]), None, real)
+    assert metrics["samples"] == 64 and many["samples"] == 1024
+    assert 0.0 < many["domain_fd_se"] < metrics["domain_fd_se"]
     same = domain_metrics(evaluator, real, None, real)
     mu, sigma = compute_statistics(evaluator.features(real))
     assert abs(same["domain_fd"]) < 1e-3 and math.isnan(same["class_agreement"])

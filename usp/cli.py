@@ -159,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     else:
         from usp.demo.pipeline import run_demo
 
-        report = run_demo(args.out, quick=args.quick, seed=args.seed)
+        report = run_demo(args.out, quick=args.quick, seed=args.seed, full=args.full)
     print(f"report: {report}")
 
 
@@ -197,6 +197,23 @@ def cmd_reference(args: argparse.Namespace) -> None:
 
     path = reference_batch_from_folder(args.folder, args.out, args.image_size, num_images=args.num, seed=args.seed)
     print(f"wrote {path}")
+
+
+def cmd_compare_run(args: argparse.Namespace) -> None:
+    from usp.evaluate.compare import FD_TOL, LOSS_TOL, SKIP, compare, format_comparison, load_runs
+
+    run = load_runs(args.run)
+    if len(run) != 1:
+        raise ValueError(f"RUN must be one run (a folder with log.jsonl); {args.run} holds {len(run)}")
+    references = load_runs(args.reference)
+    loss_tol = LOSS_TOL if args.loss_tol is None else args.loss_tol
+    fd_tol = FD_TOL if args.fd_tol is None else args.fd_tol
+    skip = SKIP if args.skip is None else args.skip
+    result = compare(run[0], references, loss_tol=loss_tol, fd_tol=fd_tol, patience=args.patience, skip=skip)
+    print(format_comparison(result, run[0].name, [r.name for r in references], loss_tol, fd_tol, args.patience,
+                            skip))
+    if result.diverged:
+        raise SystemExit(1)
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -281,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="with --data: the training resolution (default: the images')")
     p.add_argument("--no-flip", action="store_true", help="with --data: no horizontal flips (digits, text)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the whole pipeline in minutes")
+    p.add_argument("--full", action="store_true",
+                   help="the reproduction (about an hour on 2 CPU cores): longer pretraining, DiT and SiT from USP "
+                        "and from scratch, 1 000 steps, two seeds, steps-to-reach table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_demo)
@@ -318,6 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_fetch)
 
+    p = sub.add_parser("compare-run", help="a run against a reference: loss, lr, FD side by side; where it diverges",
+                       formatter_class=argparse.RawTextHelpFormatter,
+                       description="example: usp compare-run demo_out/runs/fmnist-sit-usp docs/demo/reference/sit_usp\n"
+                                   "exit status: 0 within the reference's band, 1 when the run leaves it")
+    p.add_argument("run", help="a run folder (holding log.jsonl) or its log.jsonl")
+    p.add_argument("reference", help="a run folder, a log.jsonl, or a folder of run folders (several seeds: "
+                                     "their envelope is the band)")
+    p.add_argument("--loss-tol", type=_fraction, help="relative loss tolerance around the band "
+                                                      "(default: usp.evaluate.compare.LOSS_TOL, 0.05)")
+    p.add_argument("--fd-tol", type=_fraction, help="relative FD tolerance, on top of 2 × the bootstrap "
+                                                    "error (default: usp.evaluate.compare.FD_TOL, 0.10)")
+    p.add_argument("--patience", type=_positive_int, default=2, help="consecutive logged steps outside the band that "
+                                                           "count as leaving it (default 2)")
+    p.add_argument("--skip", type=_fraction, help="fraction of the matching steps shown but not judged: the "
+                                                  "initial transient, where seeds differ by their random init "
+                                                  "(default: usp.evaluate.compare.SKIP, 0.2)")
+    p.set_defaults(func=cmd_compare_run)
+
     p = sub.add_parser("reconstruct", help="the restoration figure: original | masked | reconstruction")
     p.add_argument("weights", help="weights_*.safetensors of a pretraining run")
     p.add_argument("overrides", nargs="*", help="recipe overrides for the data, e.g. data.root=...")
@@ -343,6 +381,8 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             return rest + argv[i:], overrides
         (overrides if _OVERRIDE.match(token) else rest).append(token)
     return rest, overrides
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -354,6 +394,13 @@ def _unit_float(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1] (0 = data, 1 = noise), got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), e.g. 0.05 for 5 %; got {text}")
     return value
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from usp.config import Config, load_config
 from usp.demo.init import init_recipes
-from usp.demo.pipeline import GENERATORS, Demo
+from usp.demo.pipeline import Demo, arms
 
 # (full, quick) budgets. Steps, not epochs: the stages cost the same on 300 or 30 000 images, and the quick run
 # only checks the plumbing. Full: the Fashion-MNIST demo's step counts.
@@ -42,7 +42,7 @@ class OwnDataDemo(Demo):
     def __init__(self, data: str | Path, out: Path, quick: bool, seed: int, image_size: int | None = None,
                  flip: bool = True):
         super().__init__(out, quick, seed)
-        self.scan, self.plan, _ = init_recipes(data, out, image_size=image_size, flip=flip)
+        self.scan, self.data_plan, _ = init_recipes(data, out, image_size=image_size, flip=flip)
         print(self.scan.table(), flush=True)
         self.recipes = out / "recipes"
         self._arrays: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -58,7 +58,7 @@ class OwnDataDemo(Demo):
     @property
     def vae_dir(self) -> Path:
         # Below 128 px the demo trains the small VAE into OUT/vae; from 128 px the recipes' SD-VAE is used as is.
-        return self.out / "vae" if self.plan.small_vae else Path(self.recipe("pretrain").latent.path)
+        return self.out / "vae" if self.data_plan.small_vae else Path(self.recipe("pretrain").latent.path)
 
     def latent_overrides(self) -> list[str]:
         return []  # the recipes of `usp init` name the VAE and the cache already
@@ -96,7 +96,7 @@ class OwnDataDemo(Demo):
     def domain(self) -> dict:
         x, y = self.images(self.scan.train_split)
         test_x, test_y = self.images(self.scan.eval_split)
-        accuracy = train_domain_cnn(x, y, test_x, test_y, self.plan.num_classes, self.out / "domain.safetensors",
+        accuracy = train_domain_cnn(x, y, test_x, test_y, self.data_plan.num_classes, self.out / "domain.safetensors",
                                     steps=self.budget("domain_steps"), seed=self.seed)
         return {"test_accuracy": accuracy}
 
@@ -113,24 +113,21 @@ class OwnDataDemo(Demo):
                                         exclude=read_exclude(dc.exclude))
         return path
 
-    def probe(self, usp_weights: str) -> dict:
+    def raw_pixel_probe(self, limit: int | None) -> dict:
         from usp.evaluate.probes import logistic_regression
-        from usp.train.tasks.classification import fast_probe
+        from usp.train.tasks.classification import fast_protocol
 
-        results = {}
-        for name, init in (("usp", usp_weights), ("random_init", None)):
-            config = self.recipe("probe", f"model.init={init if init else 'null'}", f"run.name=probe-{name}")
-            results[name] = fast_probe(config)
         (x, y), (test_x, test_y) = self.images(self.scan.train_split), self.images(self.scan.eval_split)
         start = time.perf_counter()
         raw = logistic_regression(x.flatten(1), y, test_x.flatten(1), test_y)
-        results["raw_pixels"] = {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start}
-        return results
+        features = {"layer": "none", "pooling": "none", "norm": f"raw {DOMAIN_SIDE}×{DOMAIN_SIDE} pixels, standardised"}
+        return {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start,
+                "protocol": fast_protocol(features, len(x), None)}
 
     def run(self) -> Path:
         from usp.demo.report import write_report
 
-        if self.plan.small_vae:
+        if self.data_plan.small_vae:
             results = {"vae": self.stage("vae", self.vae)}
         else:
             results = {"vae": {"psnr_test": math.nan, "scale": None, "steps": 0, "seconds": 0.0}}
@@ -138,10 +135,10 @@ class OwnDataDemo(Demo):
         results["domain"] = self.stage("domain", self.domain)
         results["pretrain"] = self.stage("pretrain", self.pretrain)
         weights = results["pretrain"]["weights"]
-        for name in GENERATORS:
-            results[name] = self.stage(name, lambda name=name: self.generate(name, weights))
+        for arm in arms(self.plan, self.seed):  # the demo's arms: SiT from USP, from scratch at two seeds
+            results[arm.key] = self.stage(arm.key, lambda arm=arm: self.generate(arm, weights))
         results["probe"] = self.stage("probe", lambda: self.probe(weights))
-        report = write_report(self.out, results, quick=self.quick, seed=self.seed)
+        report = write_report(self.out, results, mode="quick" if self.quick else "default", seed=self.seed)
         return self.retitle(report)
 
     def retitle(self, report: Path) -> Path:
@@ -150,14 +147,15 @@ class OwnDataDemo(Demo):
         text = report.read_text().replace("Fashion-MNIST", name).replace("`configs/fmnist/*.yaml`",
                                                                          f"`{self.recipes}/*.yaml` (`usp init`)")
         # The shared report assumes Fashion-MNIST's 10 classes for chance-level class agreement.
-        text = text.replace("(chance 0.10)", f"(chance {1 / self.plan.num_classes:.2f})")
-        if not self.plan.small_vae:
+        text = text.replace("(chance 0.10)", f"(chance {1 / self.data_plan.num_classes:.2f})")
+        if not self.data_plan.small_vae:
             text = text.replace("| small VAE (f4, 8 ch) | 0.0 | test PSNR nan dB |",
-                                f"| VAE | 0 | {self.plan.latent_space}, pretrained (not trained here) |")
+                                f"| VAE | 0 | {self.data_plan.latent_space}, pretrained (not trained here) |")
         title, _, rest = text.partition("\n")
+        plan = self.data_plan
         summary = ["", "## Data (`usp init` scan)", "", "```", self.scan.table(), "```", "",
-                   f"{self.plan.image_size} px, latent space {self.plan.latent_space}, {self.plan.num_classes} "
-                   f"classes; recipes in `{self.recipes}`."]
+                   f"{plan.image_size} px, latent space {plan.latent_space}, {plan.num_classes} classes; "
+                   f"recipes in `{self.recipes}`."]
         report.write_text("\n".join([title, *summary, rest]))
         (self.out / "scan.json").write_text(json.dumps({
             "root": str(self.scan.root), "classes": self.scan.classes, "empty_classes": self.scan.empty_classes,

@@ -5,15 +5,23 @@ Stages (each skipped when its result file exists, so an interrupted demo resumes
   cache     latent moments of train/test (+ flips)            usp cache-latents ...
   domain    the domain classifier for FD / class agreement    (not Inception FID)
   pretrain  USP masked latent modeling + restoration grid      usp pretrain configs/fmnist/pretrain.yaml
-  generate  DiT and SiT, from USP and from scratch, same budget and seed, sampled and scored at checkpoints
-  probe     frozen-feature probe: USP vs random init vs raw pixels
+  <arm>     generators from USP and from scratch, same recipe, sampled and scored at checkpoints:
+            embedded default: SiT from USP and from scratch at the run's seed, and a second scratch seed whose
+            distance to the first is the measured noise band; --full: DiT and SiT, both arms, two seeds
+  probe     the paper's linear probe and the fast read-out: USP vs random init (and raw pixels)
   report    report.md with tables, curves and grids
+
+Modes: the embedded default (`usp demo`, about 13 minutes on 2 CPU cores), `--full` (the reproduction, about an
+hour: longer pretraining, DiT and SiT, 1 000 steps, two seeds), and `--quick` (tiny budgets: checks the
+plumbing of either mode in about a minute; its numbers mean nothing).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,31 +30,91 @@ import torch
 from usp.config import Config, load_config, recipes_dir
 
 CONFIGS = recipes_dir() / "fmnist"  # the source tree's configs/, or the copy an installed wheel ships
-GENERATORS = ("dit_usp", "dit_scratch", "sit_usp", "sit_scratch")
 
-# Budgets: (full, quick). The quick run checks the plumbing end to end; its numbers mean little.
-BUDGET = {
-    "images": (30000, 2000),  # train images (of 60 000) cached and used by the latent stages
-    "test_images": (None, 500),  # test images cached (None: all 10 000)
-    "vae_steps": (200, 15),
-    "pretrain_steps": (300, 10),
-    "finetune_steps": (250, 8),
-    "eval_every": (50, 4),
-    "eval_samples": (400, 50),
-    "domain_epochs": (2, 1),
-    "probe_train": (10000, 500),
+
+@dataclass(frozen=True)
+class Budget:
+    """What one demo mode spends. Costs measured on 2 CPU cores (idle machine) are in docs/demo/README.md."""
+
+    images: int  # train images (of 60 000) cached and used by every latent stage
+    test_images: int | None  # test images cached (None: all 10 000)
+    vae_steps: int
+    domain_epochs: int
+    pretrain_steps: int  # at constant lr after a short warm-up (configs/fmnist/pretrain.yaml)
+    finetune_steps: int
+    eval_every: int
+    eval_samples: int  # class-balanced samples per evaluation (the FD's sample size)
+    probe_train: int
+    families: tuple[str, ...]  # generators: "sit", "dit"
+    usp_seeds: int  # seeds (run seed, +1, ...) of the USP arm; the scratch arm always runs two (the noise band)
+
+
+BUDGETS: dict[str, Budget] = {
+    # The embedded default: 15 minutes on 2 CPU cores including set-up (~1.5 min) and imports. Idle-machine costs
+    # behind it (docs/demo/README.md): VAE ~0.39 s/step, cache ~1 ms/image, domain classifier ~14 s/epoch,
+    # pretraining ~0.44 s/step (batch 256), SiT ~0.26 s/step (batch 128), one 1 000-sample evaluation ~21 s.
+    # Spent where the method shows: 600 constant-lr pretraining steps (an encoder that probes clearly above random
+    # init), 400 SiT steps (samples recognisable) in three runs (USP, scratch, scratch at a second seed for the
+    # noise band), one 1 000-sample evaluation each (FD sampling error ~2). DiT is in --full.
+    "default": Budget(images=20000, test_images=None, vae_steps=150, domain_epochs=2, pretrain_steps=600,
+                      finetune_steps=400, eval_every=400, eval_samples=1000, probe_train=10000,
+                      families=("sit",), usp_seeds=1),
+    # The reproduction (`--full`): the issue-15 protocol, about 70 minutes on 2 CPU cores: 2 000 pretraining
+    # steps (17 epochs of 30 000 images), DiT and SiT from USP and from scratch at two seeds, 1 000 steps each,
+    # evaluated every 250 steps with 1 000 samples.
+    "full": Budget(images=30000, test_images=None, vae_steps=200, domain_epochs=2, pretrain_steps=2000,
+                   finetune_steps=1000, eval_every=250, eval_samples=1000, probe_train=30000,
+                   families=("dit", "sit"), usp_seeds=2),
+    # Plumbing checks (tests/test_demo.py): every stage and report path, numbers meaningless.
+    "quick": Budget(images=2000, test_images=500, vae_steps=15, domain_epochs=1, pretrain_steps=10,
+                    finetune_steps=8, eval_every=4, eval_samples=50, probe_train=500, families=("sit",),
+                    usp_seeds=1),
+    "full-quick": Budget(images=2000, test_images=500, vae_steps=15, domain_epochs=1, pretrain_steps=10,
+                         finetune_steps=8, eval_every=4, eval_samples=50, probe_train=500, families=("dit", "sit"),
+                         usp_seeds=2),
 }
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One generator run: family (dit/sit), init (usp/scratch), training seed."""
+
+    family: str
+    init: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}_{self.init}_s{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.family.upper().replace('DIT', 'DiT').replace('SIT', 'SiT')} from " \
+               f"{'USP' if self.init == 'usp' else 'scratch'}, seed {self.seed}"
+
+
+def arms(budget: Budget, seed: int) -> list[Arm]:
+    """USP arms first (they need the pretraining), then scratch at two seeds: the second scratch seed differs
+    from the first only by chance, so their distance is the noise band the USP-vs-scratch gap is read against."""
+    out = []
+    for family in budget.families:
+        out += [Arm(family, "usp", seed + k) for k in range(budget.usp_seeds)]
+        out += [Arm(family, "scratch", seed + k) for k in range(2)]
+    return out
+
+
 class Demo:
-    def __init__(self, out: Path, quick: bool, seed: int):
-        self.out, self.quick, self.seed = out, quick, seed
+    def __init__(self, out: Path, quick: bool, seed: int, full: bool = False):
+        self.out, self.quick, self.seed, self.full = out, quick, seed, full
+        self.mode = {(False, False): "default", (False, True): "quick", (True, False): "full",
+                     (True, True): "full-quick"}[(full, quick)]
+        self.plan = BUDGETS[self.mode]
         self.runs, self.latents = out / "runs", out / "latents"
         self.stage_dir = out / "stages"
         self.stage_dir.mkdir(parents=True, exist_ok=True)
 
-    def budget(self, key: str) -> int:
-        return BUDGET[key][1 if self.quick else 0]
+    def budget(self, key: str):
+        return getattr(self.plan, key)
 
     def recipe(self, name: str, *overrides: str) -> Config:
         common = [f"run.out_dir={self.runs}", f"run.seed={self.seed}", "train.progress=false",
@@ -60,9 +128,10 @@ class Demo:
             print(f"[demo] {name}: done earlier, skipped")
             return json.loads(path.read_text())
         print(f"[demo] {name} ...", flush=True)
-        start = time.perf_counter()
+        start, load = time.perf_counter(), os.getloadavg()[0]
         result = fn()
         result["seconds"] = round(time.perf_counter() - start, 1)
+        result["load"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # 1-min load average at start and end
         path.write_text(json.dumps(result, indent=1))
         print(f"[demo] {name}: {result['seconds']} s", flush=True)
         return result
@@ -138,9 +207,10 @@ class Demo:
                          overrides=[f"latent.path={self.vae_dir}"])
         history, _ = read_log(config.run_dir)
         return {"weights": str(weights), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
-                "steps": config.train.max_steps}
+                "steps": config.train.max_steps, "lr": config.lr, "schedule": config.optim.schedule,
+                "run_dir": str(config.run_dir)}
 
-    def generate(self, name: str, usp_weights: str) -> dict:
+    def generate(self, arm: Arm, usp_weights: str) -> dict:
         from usp.train.engine import read_log, train
         from usp.train.tasks import build_task
 
@@ -148,22 +218,29 @@ class Demo:
                      f"train.eval_every={self.budget('eval_every')}",
                      f"generation.eval_samples={self.budget('eval_samples')}",
                      f"generation.domain_classifier={self.out / 'domain.safetensors'}",
-                     f"generation.domain_reference={self.domain_reference}"]
-        if name.endswith("usp"):
+                     f"generation.domain_reference={self.domain_reference}",
+                     f"run.seed={arm.seed}", f"run.name=fmnist-{arm.family}-{arm.init}-s{arm.seed}"]
+        if arm.init == "usp":
             overrides.append(f"model.init={usp_weights}")
-        config = self.recipe(name, *overrides)
+        config = self.recipe(f"{arm.family}_{arm.init}", *overrides)
         train(config, build_task(config), resume="auto")
         _, evals = read_log(config.run_dir)
-        return {"run_dir": str(config.run_dir), "evals": evals, "final": evals[-1] if evals else {}}
+        gen = config.generation
+        protocol = {"model": f"{config.model.name}, EMA {config.train.ema_decay}", "method": gen.method,
+                    "sampler": f"{gen.sampler} {gen.sample_steps} steps" + (f" ({gen.ode_method})"
+                                                                           if gen.sampler == "ode" else ""),
+                    "cfg_scale": gen.cfg_scale, "samples": gen.eval_samples, "sample_seed": arm.seed + 10**7,
+                    "reference": "the 10 000 Fashion-MNIST test images", "lr": config.lr,
+                    "batch": config.train.global_batch}
+        return {"run_dir": str(config.run_dir), "evals": evals, "final": evals[-1] if evals else {},
+                "arm": {"family": arm.family, "init": arm.init, "seed": arm.seed}, "protocol": protocol}
 
     def probe(self, usp_weights: str) -> dict:
         """The paper's linear probe (LARS, BN + linear on the frozen cls token) and the fast read-out (logistic
         regression, k-NN) of the USP encoder and of the same encoder at random init; logistic on raw pixels."""
-        from usp.data.fashion_mnist import load_fashion_mnist
-        from usp.evaluate.probes import logistic_regression
         from usp.train.engine import train
         from usp.train.tasks import build_task
-        from usp.train.tasks.classification import fast_probe, fast_protocol
+        from usp.train.tasks.classification import fast_probe
 
         limit = self.budget("probe_train")
         # 5 epochs of the probe recipe (LARS travel ~12, see usp.train.optim.LARS) at batch 256: the cost is the
@@ -172,7 +249,7 @@ class Demo:
         epochs, batch = (1, 128) if self.quick else (5, 256)
         results = {}
         for name, init in (("usp", usp_weights), ("random_init", None)):
-            config = self.recipe("probe", *self.latent_overrides(), f"data.limit={limit}",
+            config = self.recipe("probe", *self.latent_overrides(), *([f"data.limit={limit}"] if limit else []),
                                  f"model.init={init if init else 'null'}", f"run.name=probe-{name}",
                                  f"train.epochs={epochs}", f"train.global_batch={batch}")
             start = time.perf_counter()
@@ -180,15 +257,23 @@ class Demo:
             paper = json.loads((config.run_dir / "result.json").read_text())
             paper["seconds"] = time.perf_counter() - start
             results[name] = {"paper": paper, "fast": fast_probe(config)}
+        results["raw_pixels"] = {"fast": self.raw_pixel_probe(limit)}
+        return results
+
+    def raw_pixel_probe(self, limit: int | None) -> dict:
+        """Logistic regression on the raw pixels of the training images (the floor a useful encoder must clear)."""
+        from usp.data.fashion_mnist import load_fashion_mnist
+        from usp.evaluate.probes import logistic_regression
+        from usp.train.tasks.classification import fast_protocol
+
         train_x, train_y = load_fashion_mnist(None, "train")
         test_x, test_y = load_fashion_mnist(None, "test")
         start = time.perf_counter()
         raw = logistic_regression(_pixels(train_x[:limit]), torch.tensor(train_y[:limit]), _pixels(test_x),
                                   torch.tensor(test_y))
         features = {"layer": "none", "pooling": "none", "norm": "raw 28×28 pixels, standardised"}
-        results["raw_pixels"] = {"fast": {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start,
-                                          "protocol": fast_protocol(features, limit, None)}}
-        return results
+        return {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start,
+                "protocol": fast_protocol(features, limit, None)}
 
     def run(self) -> Path:
         from usp.data.fashion_mnist import find_folder
@@ -201,12 +286,12 @@ class Demo:
         results["domain"] = self.stage("domain", self.domain)
         results["pretrain"] = self.stage("pretrain", self.pretrain)
         weights = results["pretrain"]["weights"]
-        for name in GENERATORS:
-            results[name] = self.stage(name, lambda name=name: self.generate(name, weights))
+        for arm in arms(self.plan, self.seed):
+            results[arm.key] = self.stage(arm.key, lambda arm=arm: self.generate(arm, weights))
         results["probe"] = self.stage("probe", lambda: self.probe(weights))
         from usp.demo.report import write_report
 
-        return write_report(self.out, results, quick=self.quick, seed=self.seed)
+        return write_report(self.out, results, mode=self.mode, seed=self.seed)
 
 
 def _pixels(images: np.ndarray) -> torch.Tensor:
@@ -214,5 +299,6 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
     return torch.tensor(images.reshape(len(images), -1), dtype=torch.float32)
 
 
-def run_demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0) -> Path:
-    return Demo(Path(out), quick, seed).run()
+def run_demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0, full: bool = False) -> Path:
+    """Run the demo (or, with `full`, the reproduction) into `out`; returns the report's path."""
+    return Demo(Path(out), quick, seed, full).run()

@@ -1,19 +1,24 @@
-"""The demo's report: tables, loss and metric curves (matplotlib), sample and restoration grids."""
+"""The demo's report: stages and their cost, each metric's protocol, USP vs scratch against a measured noise band,
+curves (matplotlib), sample and restoration grids, and the per-step logs (reference curves for `usp compare-run`)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
+import torch
+
+from usp.demo.verdict import family_verdict, verdict_sentence
 from usp.train.engine import read_log
 
-NOISE = 0.05  # relative domain-FD gaps below this are not read as a difference (a few hundred samples)
-LABELS = {"dit_usp": "DiT from USP", "dit_scratch": "DiT from scratch", "sit_usp": "SiT from USP",
-          "sit_scratch": "SiT from scratch"}
+FAMILY = {"dit": "DiT", "sit": "SiT"}
 
 
-def _plot(path: Path, series: dict[str, tuple[list, list]], ylabel: str, title: str) -> None:
+def _plot(path: Path, series: dict[str, tuple[list, list]], ylabel: str, title: str,
+          errors: dict[str, list] | None = None, logy: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display; set here, not at import (no global side effect on import)
@@ -21,24 +26,20 @@ def _plot(path: Path, series: dict[str, tuple[list, list]], ylabel: str, title: 
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=90)
     for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 12 else None, markersize=3)
+        if errors and label in errors:
+            ax.errorbar(xs, ys, yerr=errors[label], label=label, marker="o", markersize=3, capsize=2)
+        else:
+            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 12 else None, markersize=3)
+    if logy:
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def steps_to_reach(evals: list[dict], target: float, key: str = "domain_fd") -> int | None:
-    """First evaluated step whose `key` is at or below `target` (None if never)."""
-    for record in evals:
-        value = record.get(key, math.nan)
-        if math.isfinite(value) and value <= target:
-            return record["step"]
-    return None
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -49,86 +50,155 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def write_report(out: Path, results: dict, quick: bool, seed: int) -> Path:
-    """Write out/report.md (and its PNGs) from the demo's stage results; returns the report path."""
-    figures = {}
-    generators = [name for name in LABELS if name in results]
-    runs = {name: read_log(Path(results[name]["run_dir"])) for name in generators}
-    for family in ("dit", "sit"):
-        names = [n for n in generators if n.startswith(family)]
-        if not names:
-            continue
-        loss = {LABELS[n]: ([r["step"] for r in runs[n][0]], [r["loss"] for r in runs[n][0]]) for n in names}
-        _plot(out / f"{family}_loss.png", loss, "training loss", f"{family.upper()} fine-tuning loss")
-        fd = {LABELS[n]: ([e["step"] for e in runs[n][1]], [e.get("domain_fd", math.nan) for e in runs[n][1]])
-              for n in names}
-        _plot(out / f"{family}_domain_fd.png", fd, "domain FD (lower is better)", f"{family.upper()} sample quality")
-        figures[family] = names
-    pre_history, _ = read_log(Path(results["pretrain"]["weights"]).parent.parent)
-    _plot(out / "pretrain_loss.png", {"USP pretraining": ([r["step"] for r in pre_history],
-                                                          [r["loss"] for r in pre_history])},
-          "masked-latent MSE (norm-pix)", "USP pretraining loss")
+def _label(key: str) -> str:
+    family, init, seed = key.split("_")
+    return f"{FAMILY[family]} from {'USP' if init == 'usp' else 'scratch'}, seed {seed[1:]}"
 
-    lines = [f"# usp demo — Fashion-MNIST, one CPU{' (--quick: plumbing check, numbers mean little)' if quick else ''}",
+
+def _probe_gaps(probe: dict) -> dict[str, float]:
+    """Top-1 of the USP encoder minus that of random init: the paper's linear probe, then the fast read-out."""
+    gaps = {}
+    usp, rand = probe.get("usp", {}), probe.get("random_init", {})
+    if "top1" in usp.get("paper", {}) and "top1" in rand.get("paper", {}):
+        gaps["linear probe"] = usp["paper"]["top1"] - rand["paper"]["top1"]
+    if "logistic_top1" in usp.get("fast", {}) and "logistic_top1" in rand.get("fast", {}):
+        gaps["logistic regression"] = usp["fast"]["logistic_top1"] - rand["fast"]["logistic_top1"]
+    return gaps
+
+
+def _probe_gap(probe: dict) -> float | None:
+    """The headline probe gap: the paper's linear probe when it ran, else the fast read-out."""
+    gaps = _probe_gaps(probe)
+    return next(iter(gaps.values()), None)
+
+
+def _steps_to_reach_lines(verdict: dict, usp_seeds: list[int]) -> list[str]:
+    lines = [f"Steps to reach scratch's final figure (scratch ran {verdict[usp_seeds[0]]['scratch_steps']} steps):",
+             "", "| USP seed | scratch's final FD | USP reaches it at step | scratch's final loss | "
+             "USP reaches it at step |", "| --- | --- | --- | --- | --- |"]
+    for s in usp_seeds:
+        v = verdict[s]
+        lines.append(f"| {s} | {_fmt(v['scratch_final_fd'])} | {_fmt(v['fd_reached_at'])} | "
+                     f"{_fmt(v['scratch_final_loss'], 4)} | {_fmt(v['loss_reached_at'])} |")
+    return lines
+
+
+def write_report(out: Path, results: dict, mode: str, seed: int) -> Path:
+    """Write out/report.md, its PNGs, out/results.json and out/logs/<run>/log.jsonl; returns the report path."""
+    arms = [k for k, v in results.items() if isinstance(v, dict) and "arm" in v]
+    logs = {k: read_log(Path(results[k]["run_dir"])) for k in arms}
+    quick = mode.endswith("quick")
+    title = {"default": "usp demo", "quick": "usp demo --quick", "full": "usp demo --full (the reproduction)",
+             "full-quick": "usp demo --full --quick"}[mode]
+    lines = [f"# {title} — Fashion-MNIST, one CPU" + (" (plumbing check: the numbers mean nothing)" if quick else ""),
              "", f"Seed {seed}. Every stage ran the library's own recipes (`configs/fmnist/*.yaml`) through the "
-             "same engine and commands a user runs on ImageNet.", "",
-             "## Stages", "", "| stage | wall time (s) | result |", "| --- | --- | --- |"]
-    vae, domain, pre = results["vae"], results["domain"], results["pretrain"]
-    lines.append(f"| small VAE (f4, 8 ch) | {vae['seconds']} | test PSNR {vae['psnr_test']:.2f} dB |")
-    lines.append(f"| latent cache | {results['cache']['seconds']} | {results['cache']['train']} train + "
-                 f"{results['cache']['test']} test images, plain + flipped |")
-    lines.append(f"| domain classifier | {domain['seconds']} | test accuracy {100 * domain['test_accuracy']:.1f}% |")
-    lines.append(f"| USP pretraining | {pre['seconds']} | loss {pre['loss_first']:.3f} → {pre['loss_last']:.3f} "
-                 f"in {pre['steps']} steps |")
-    for name in generators:
-        final = results[name]["final"]
-        lines.append(f"| {LABELS[name]} | {results[name]['seconds']} | domain FD {_fmt(final.get('domain_fd'))}, "
-                     f"class agreement {_fmt(final.get('class_agreement'))} |")
-    lines.append(f"| probe | {results['probe']['seconds']} | see below |")
-    total = sum(r["seconds"] for r in results.values() if isinstance(r, dict) and "seconds" in r)
-    lines += [f"| **total** | **{total:.0f}** | |", ""]
+             "same engine and commands a user runs on ImageNet. Machine: "
+             f"{os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads.", ""]
 
-    lines += ["## Generation: USP initialisation vs scratch (same budget, seed, recipe)", "",
-              "Domain FD is the Fréchet distance of a small Fashion-MNIST classifier's features between "
-              "class-balanced samples and the test set: **not comparable to Inception FID**. Class agreement is "
-              "the fraction of samples that classifier assigns to the class they were generated for.", "",
-              "| model | step | domain FD | class agreement |", "| --- | --- | --- | --- |"]
-    verdicts = []
-    for family, names in figures.items():
-        for name in names:
-            for record in runs[name][1]:
-                lines.append(f"| {LABELS[name]} | {record['step']} | {_fmt(record.get('domain_fd'))} | "
-                             f"{_fmt(record.get('class_agreement'))} |")
-        usp_name, scratch_name = f"{family}_usp", f"{family}_scratch"
-        if usp_name in runs and scratch_name in runs and runs[scratch_name][1] and runs[usp_name][1]:
-            target = runs[scratch_name][1][-1].get("domain_fd", math.nan)
-            final_usp = runs[usp_name][1][-1].get("domain_fd", math.nan)
-            reached = steps_to_reach(runs[usp_name][1], target)
-            last = runs[scratch_name][1][-1]["step"]
-            agreement = runs[usp_name][1][-1].get("class_agreement", math.nan)
-            gap = (target - final_usp) / target if math.isfinite(target) and target else math.nan
-            if not abs(gap) >= NOISE:  # also NaN
-                verdicts.append(f"{family.upper()}: no measurable difference at this budget — final domain FD "
-                                f"{final_usp:.3g} (USP) vs {target:.3g} (scratch), {100 * gap:+.1f}%, inside the "
-                                f"±{100 * NOISE:.0f}% this small sample set cannot resolve; class agreement "
-                                f"{agreement:.2f} (chance 0.10).")
-            elif reached is not None:
-                verdicts.append(f"{family.upper()}: from USP reached scratch's final domain FD ({target:.3g} at step "
-                                f"{last}) at step {reached} ({last / reached:.1f}× fewer steps); final domain FD "
-                                f"{final_usp:.3g} vs {target:.3g} ({100 * gap:+.1f}%).")
-            else:
-                verdicts.append(f"{family.upper()}: from USP did NOT reach scratch's final domain FD ({target:.3g}) "
-                                f"within {last} steps (its final: {final_usp:.3g}, {100 * gap:+.1f}%).")
-    lines += ["", *[f"- {v}" for v in verdicts], ""]
-    for family in figures:
-        lines += [f"![{family} loss]({family}_loss.png) ![{family} domain FD]({family}_domain_fd.png)", ""]
-        for name in figures[family]:
-            grids = sorted((Path(results[name]["run_dir"]) / "samples").glob("step_*.png"))
+    # ---- stages -----------------------------------------------------------------------------------------
+    lines += ["## Stages and their cost", "", "| stage | wall time (s) | load (1-min, start → end) | result |",
+              "| --- | --- | --- | --- |"]
+    vae, domain, pre = results["vae"], results["domain"], results["pretrain"]
+
+    def row(name: str, label: str, text: str) -> str:
+        load = results[name].get("load")
+        load_text = f"{load[0]:.1f} → {load[1]:.1f}" if load else "—"
+        return f"| {label} | {results[name]['seconds']} | {load_text} | {text} |"
+
+    lines.append(row("vae", "small VAE (f4, 8 ch)", f"test PSNR {vae['psnr_test']:.2f} dB"))
+    lines.append(row("cache", "latent cache", f"{results['cache']['train']} train + {results['cache']['test']} test "
+                                              "images, plain + flipped"))
+    lines.append(row("domain", "domain classifier", f"test accuracy {100 * domain['test_accuracy']:.1f}%"))
+    lines.append(row("pretrain", "USP pretraining", f"loss {pre['loss_first']:.3f} → {pre['loss_last']:.3f} in "
+                                                   f"{pre['steps']} steps, lr {_fmt(pre.get('lr'))} "
+                                                   f"({pre.get('schedule', '?')})"))
+    for key in arms:
+        final = results[key]["final"]
+        lines.append(row(key, _label(key), f"domain FD {_fmt(final.get('domain_fd'))} ± "
+                                           f"{_fmt(final.get('domain_fd_se'), 2)}, class agreement "
+                                           f"{_fmt(final.get('class_agreement'))}"))
+    lines.append(row("probe", "probe", "see below"))
+    total = sum(r["seconds"] for r in results.values() if isinstance(r, dict) and "seconds" in r)
+    lines += [f"| **total** | **{total:.0f}** | | |", ""]
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    verdicts: dict[str, dict] = {}
+    sentences: list[str] = []
+    families = sorted({results[k]["arm"]["family"] for k in arms}, key=list(FAMILY).index)
+    if families:
+        protocol = results[arms[0]]["protocol"]
+        lines += ["## Generation: USP initialisation vs scratch", "",
+                  "**Protocol of every generation metric below.** Domain FD: the Fréchet distance between Gaussian "
+                  "fits of a small Fashion-MNIST classifier's 128-d features (the `domain` stage) of class-balanced "
+                  f"samples and of {protocol['reference']} — **not comparable to Inception FID**; ± is its bootstrap "
+                  "sampling error (20 resamples of the generated features). Class agreement: the fraction of "
+                  "samples that classifier assigns to the class they were generated for (chance 0.10).", "",
+                  "| family | model (EMA) | objective | sampler | CFG | samples per evaluation | sample seeds | "
+                  "lr, batch |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for family in families:
+            p = next(results[k]["protocol"] for k in arms if results[k]["arm"]["family"] == family)
+            lines.append(f"| {FAMILY[family]} | {p['model']} | {p['method']} | {p['sampler']} | {p['cfg_scale']} | "
+                         f"{p['samples']} | run seed + 10⁷ (the same in both arms of a seed) | "
+                         f"{p['lr']:g}, {p['batch']} |")
+        lines += ["", "Both arms of a seed share the recipe, data order, diffusion noise and sample seeds: only the "
+                  "initial weights differ (paired). The noise band at a step is the larger of the distance between "
+                  "the two scratch seeds and twice the combined bootstrap error.", ""]
+    for family in families:
+        name = FAMILY[family]
+        keys = [k for k in arms if k.startswith(family + "_")]
+        usp_seeds = sorted(results[k]["arm"]["seed"] for k in keys if results[k]["arm"]["init"] == "usp")
+        scratch_seeds = sorted(results[k]["arm"]["seed"] for k in keys if results[k]["arm"]["init"] == "scratch")
+        if len(scratch_seeds) < 2 or not usp_seeds:
+            continue
+        verdict = family_verdict(logs, family, usp_seeds, (scratch_seeds[0], scratch_seeds[1]))
+        verdicts[family] = verdict
+        lines += [f"### {name}", "", "| step | " + " | ".join(f"FD {_label(k)}" for k in keys) +
+                  " | noise band | " + " | ".join(f"USP gain, seed {s}" for s in usp_seeds) + " |",
+                  "| --- " * (2 + len(keys) + len(usp_seeds)) + "|"]
+        evals = {k: {e["step"]: e for e in logs[k][1]} for k in keys}
+        for step in sorted(set().union(*[set(e) for e in evals.values()])):
+            cells = []
+            for k in keys:
+                e = evals[k].get(step, {})
+                cells.append(f"{_fmt(e.get('domain_fd'))} ± {_fmt(e.get('domain_fd_se'), 2)} "
+                             f"(agr. {_fmt(e.get('class_agreement'), 2)})" if e else "—")
+            band_rows = {s: next((r for r in verdict[s]["fd"] if r["step"] == step), None) for s in usp_seeds}
+            band = next((r["band"] for r in band_rows.values() if r), None)
+            gains = [f"{r['gain']:+.1f}{' ✓' if r['beyond'] else ''}" if r else "—" for r in band_rows.values()]
+            lines.append(f"| {step} | " + " | ".join(cells) + f" | ±{_fmt(band)} | " + " | ".join(gains) + " |")
+        lines += ["", "✓: the USP arm's FD is lower than its paired scratch run's by more than the noise band.", ""]
+        for s in usp_seeds:
+            sentences.append(verdict_sentence(name, s, verdict[s]))
+        lines += [f"- {sentences[-len(usp_seeds) + i]}" for i in range(len(usp_seeds))]
+        if len(logs[f"{family}_usp_s{usp_seeds[0]}"][1]) > 1:  # with one evaluation there is nothing to reach
+            lines += ["", *_steps_to_reach_lines(verdict, usp_seeds)]
+        lines.append("")
+        loss_series = {_label(k): ([r["step"] for r in logs[k][0]], [r["loss"] for r in logs[k][0]]) for k in keys}
+        _plot(out / f"{family}_loss.png", loss_series, "training loss", f"{name} fine-tuning loss")
+        fd_series = {_label(k): ([e["step"] for e in logs[k][1]], [e.get("domain_fd", math.nan) for e in logs[k][1]])
+                     for k in keys}
+        fd_errors = {_label(k): [e.get("domain_fd_se", 0.0) for e in logs[k][1]] for k in keys}
+        _plot(out / f"{family}_domain_fd.png", fd_series, "domain FD (lower is better)", f"{name} sample quality",
+              errors=fd_errors)
+        gain_series = {f"USP vs scratch, seed {s}": ([r["step"] for r in verdict[s]["loss"]["rows"]],
+                                                      [100 * r["gain"] for r in verdict[s]["loss"]["rows"]])
+                       for s in usp_seeds}
+        first = verdict[usp_seeds[0]]["loss"]["rows"]
+        gain_series["scratch seed vs scratch seed (chance)"] = ([r["step"] for r in first],
+                                                                [100 * r["chance"] for r in first])
+        _plot(out / f"{family}_loss_gain.png", gain_series, "loss gain over scratch (%)",
+              f"{name}: paired training-loss gain")
+        lines += [f"![{name} loss]({family}_loss.png) ![{name} domain FD]({family}_domain_fd.png) "
+                  f"![{name} paired loss gain]({family}_loss_gain.png)", ""]
+        for init in ("usp", "scratch"):
+            key = f"{family}_{init}_s{usp_seeds[0]}"
+            grids = sorted((Path(results[key]["run_dir"]) / "samples").glob("step_*.png"))
             if grids:
-                copy = out / f"{name}_samples.png"
+                copy = out / f"{family}_{init}_samples.png"
                 copy.write_bytes(grids[-1].read_bytes())
-                lines += [f"{LABELS[name]}, final samples (CFG, one column per class):", "",
-                          f"![{name}]({copy.name})", ""]
+                lines += [f"{_label(key)}, samples at step {int(grids[-1].stem.split('_')[1])} (EMA, CFG "
+                          f"{results[key]['protocol']['cfg_scale']}, one column per class):", "",
+                          f"![{key}]({copy.name})", ""]
 
     probe = results["probe"]
     paper = probe["usp"]["paper"]["protocol"]
@@ -149,16 +219,29 @@ def write_report(out: Path, results: dict, quick: bool, seed: int) -> Path:
               f"augmentation: {paper['augmentation']}.",
               f"Fast read-out (NOT the paper's protocol): {fast['classifier']}; augmentation: {fast['augmentation']}.",
               ""]
+    gaps = _probe_gaps(probe)
+    if gaps:
+        lines += ["USP encoder vs the same encoder at random init: " + ", ".join(
+            f"{name} {gap:+.2f} points" for name, gap in gaps.items()) + ".", ""]
     lines += ["## Pretraining", "", "![pretraining loss](pretrain_loss.png)", "",
               "Restoration (rows: original | 75% of latent patches masked | reconstruction):", "",
               "![restoration](restoration.png)", ""]
-    if verdicts:
-        losses = [f"{LABELS[n]} {runs[n][0][-1]['loss']:.4f}" for n in generators if runs[n][0]]
-        lines += ["## Verdict", "", " ".join(verdicts),
-                  f"Final training losses (step {max(r[0][-1]['step'] for r in runs.values())}): "
-                  + ", ".join(losses) + ". Did USP beat scratch here? Only where a line above says so; "
-                  "a gap inside the noise band is not a win, whichever way it points.", ""]
+    pre_history, _ = read_log(Path(results["pretrain"]["weights"]).parent.parent)
+    _plot(out / "pretrain_loss.png", {"USP pretraining": ([r["step"] for r in pre_history],
+                                                          [r["loss"] for r in pre_history])},
+          "masked-latent MSE (norm-pix)", "USP pretraining loss")
+    if sentences:
+        lines += ["## Verdict", "", *[f"- {s}" for s in sentences], "",
+                  "Did USP beat scratch here? Only where a line above says *beyond*; a gap inside the noise band is "
+                  "not a win, whichever way it points.", ""]
+    # Per-step logs: the reference curves `usp compare-run RUN out/logs/<run>` reads.
+    for key in [*arms, "pretrain"]:
+        run_dir = Path(results[key]["run_dir"]) if key in arms else Path(results["pretrain"]["weights"]).parents[1]
+        target = out / "logs" / key
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "log.jsonl", target / "log.jsonl")
     path = out / "report.md"
     path.write_text("\n".join(lines))
+    results = {**results, "verdict": verdicts, "mode": mode, "seed": seed}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return path

@@ -188,14 +188,29 @@ def domain_metrics(
     fake_images: np.ndarray | torch.Tensor,
     fake_labels: np.ndarray | torch.Tensor | None,
     real: np.ndarray | torch.Tensor | tuple[np.ndarray, np.ndarray],
+    bootstrap: int = 20,
+    seed: int = 0,
 ) -> dict[str, float]:
     """`domain_fd`: Fréchet distance of the classifier's features, fake vs real (NOT comparable to Inception
-    FID); `class_agreement`: fraction of fake images the classifier assigns to the label they were generated for
-    (NaN without labels). `real` is images, or their `evaluator.statistics` when they are reused across calls."""
-    mu_f, sigma_f = evaluator.statistics(fake_images)
+    FID); `domain_fd_se`: its sampling error, the standard deviation of the FD over `bootstrap` resamples (with
+    replacement) of the fake features, the real side held fixed (0 turns it off: NaN); `class_agreement`: fraction
+    of fake images the classifier assigns to the label they were generated for (NaN without labels);
+    `samples`: how many fake images. `real` is images, or their `evaluator.statistics` when reused across calls.
+
+    Why a bootstrap: the FD of a few hundred samples moves by several units when only the sample seeds change,
+    so a gap between two runs means something only beside this error (it is the sample-size part of the noise;
+    the training-seed part needs a second run)."""
+    features = evaluator.features(fake_images)  # (N, 128)
     mu_r, sigma_r = real if isinstance(real, tuple) else evaluator.statistics(real)
+    fd = frechet_distance(*compute_statistics(features), mu_r, sigma_r)  # ADM's sqrtm path, as before
+    spread = float("nan")
+    if bootstrap > 1:
+        rng = np.random.default_rng(seed)  # the eigh path: the same value to ~1e-9, ~10x faster than sqrtm
+        draws = [frechet_distance(*compute_statistics(features[rng.integers(0, len(features), len(features))]),
+                                  mu_r, sigma_r, method="eigh") for _ in range(bootstrap)]
+        spread = float(np.std(draws, ddof=1))
     agreement = float("nan")
     if fake_labels is not None:
         labels = np.asarray(fake_labels).reshape(-1)
         agreement = float((evaluator.predict(fake_images) == labels).mean())
-    return {"domain_fd": frechet_distance(mu_f, sigma_f, mu_r, sigma_r), "class_agreement": agreement}
+    return {"domain_fd": fd, "domain_fd_se": spread, "class_agreement": agreement, "samples": float(len(features))}

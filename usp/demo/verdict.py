@@ -1,0 +1,113 @@
+"""USP vs scratch with a measured noise band: the numbers behind the demo's verdict (no files, no plots).
+
+Three measurements, each against its own noise:
+- domain FD at each evaluation, USP arm vs the scratch arm of the same seed (same data order, diffusion noise and
+  sample seeds: a paired comparison). Noise band at a step = the larger of |FD(scratch, seed s) − FD(scratch,
+  seed s+1)| (two runs of one recipe that differ only by chance: training-seed and sample-seed noise together)
+  and 2 × the combined bootstrap error of the two FDs compared (sample-size noise alone).
+- training loss per logged interval, paired (same data order and noise in both arms): the relative gain
+  (scratch − USP) / scratch, summarised over the second half of the run; its band is the same quantity between
+  the two scratch seeds (unpaired, so a conservative band).
+- steps to reach: the first evaluated (logged) step at which the USP arm's FD (loss) is at or below the scratch
+  arm's final FD (loss).
+A USP arm "beats scratch beyond the band" only when its gain exceeds the band; otherwise the report says inside.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import mean
+
+Log = tuple[list[dict], list[dict]]  # (training records, evaluations) as usp.train.engine.read_log returns
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def steps_to_reach(records: list[dict], target: float, key: str = "domain_fd") -> int | None:
+    """First step whose `key` is at or below `target` (None if never)."""
+    for record in records:
+        if _finite(record.get(key)) and record[key] <= target:
+            return record["step"]
+    return None
+
+
+def fd_band(scratch_a: list[dict], scratch_b: list[dict], usp: list[dict]) -> list[dict]:
+    """Per evaluation step common to the three runs: FDs, the seed spread, the bootstrap error and the band."""
+    by_step = [{r["step"]: r for r in runs if _finite(r.get("domain_fd"))} for runs in (usp, scratch_a, scratch_b)]
+    rows = []
+    for step in sorted(set(by_step[0]) & set(by_step[1]) & set(by_step[2])):
+        u, a, b = (runs[step] for runs in by_step)
+        se = [r.get("domain_fd_se", math.nan) for r in (u, a)]
+        combined = math.sqrt(se[0] ** 2 + se[1] ** 2) if all(_finite(x) for x in se) else math.nan
+        spread = abs(a["domain_fd"] - b["domain_fd"])
+        band = max(spread, 2 * combined) if _finite(combined) else spread
+        gain = a["domain_fd"] - u["domain_fd"]  # > 0: USP better
+        rows.append({"step": step, "usp": u["domain_fd"], "scratch": a["domain_fd"], "scratch_other": b["domain_fd"],
+                     "usp_se": se[0], "scratch_se": se[1], "seed_spread": spread, "band": band, "gain": gain,
+                     "beyond": gain > band, "usp_agreement": u.get("class_agreement", math.nan),
+                     "scratch_agreement": a.get("class_agreement", math.nan)})
+    return rows
+
+
+def paired_loss(usp: list[dict], scratch: list[dict], scratch_other: list[dict]) -> dict:
+    """Relative loss gain of USP over scratch at each common logged step, and the chance gap between the two
+    scratch seeds; summaries over the second half of the run (where both arms left the initial transient)."""
+    maps = [{r["step"]: r["loss"] for r in runs if _finite(r.get("loss"))} for runs in (usp, scratch, scratch_other)]
+    steps = sorted(set(maps[0]) & set(maps[1]) & set(maps[2]))
+    rows = [{"step": s, "gain": (maps[1][s] - maps[0][s]) / maps[1][s],
+             "chance": (maps[1][s] - maps[2][s]) / maps[1][s]} for s in steps]
+    if not rows:
+        return {"rows": [], "second_half": []}
+    half = [r for r in rows if r["step"] > steps[-1] / 2] or rows[-1:]
+    gains, chances = [r["gain"] for r in half], [abs(r["chance"]) for r in half]
+    return {"rows": rows, "second_half": [r["step"] for r in half], "gain_mean": mean(gains),
+            "gain_min": min(gains), "gain_max": max(gains), "chance_mean": mean(chances),
+            "chance_max": max(chances), "beyond": mean(gains) > max(chances)}
+
+
+def family_verdict(logs: dict[str, Log], family: str, seeds: list[int], scratch_seeds: tuple[int, int]) -> dict:
+    """For each USP seed s: FD gain vs scratch seed s against the band from the two scratch seeds, the paired
+    loss gain against the scratch seeds' chance gap, class agreement, and steps to reach scratch's final FD/loss.
+    `logs` maps run keys `<family>_<init>_s<seed>` to their read_log output."""
+    a, b = scratch_seeds
+    scratch = {s: logs[f"{family}_scratch_s{s}"] for s in scratch_seeds}
+    out = {}
+    for seed in seeds:
+        usp_train, usp_evals = logs[f"{family}_usp_s{seed}"]
+        own = seed if seed in scratch else a  # the paired scratch run; a USP seed without one is read against a
+        other = b if own == a else a
+        band = fd_band(scratch[own][1], scratch[other][1], usp_evals)
+        loss = paired_loss(usp_train, scratch[own][0], scratch[other][0])
+        final_fd = scratch[own][1][-1].get("domain_fd", math.nan) if scratch[own][1] else math.nan
+        final_loss = scratch[own][0][-1]["loss"] if scratch[own][0] else math.nan
+        last = scratch[own][0][-1]["step"] if scratch[own][0] else None
+        out[seed] = {"paired_with": own, "fd": band, "final": band[-1] if band else None, "loss": loss,
+                     "fd_reached_at": steps_to_reach(usp_evals, final_fd),
+                     "loss_reached_at": steps_to_reach(usp_train, final_loss, "loss"),
+                     "scratch_final_fd": final_fd, "scratch_final_loss": final_loss, "scratch_steps": last}
+    return out
+
+
+def verdict_sentence(family_label: str, seed: int, v: dict) -> str:
+    """One honest sentence per (family, seed): beyond the band, inside it, or worse."""
+    final, loss = v["final"], v["loss"]
+    if final is None:
+        return f"{family_label}, seed {seed}: no common evaluation step (nothing to compare)."
+    fd_word = ("beats scratch beyond the noise band" if final["beyond"] else
+               "is worse than scratch beyond the noise band" if -final["gain"] > final["band"] else
+               "is inside the noise band of scratch")
+    text = (f"{family_label}, seed {seed}: at step {final['step']} USP {fd_word} in domain FD — "
+            f"{final['usp']:.1f} vs {final['scratch']:.1f} (gain {final['gain']:+.1f}; band ±{final['band']:.1f}: "
+            f"scratch seeds {final['scratch']:.1f} / {final['scratch_other']:.1f}, bootstrap SE "
+            f"{final['usp_se']:.1f} / {final['scratch_se']:.1f})")
+    if loss.get("rows"):
+        loss_word = "beyond" if loss["beyond"] else "NOT beyond"
+        text += (f"; paired training loss {100 * loss['gain_mean']:+.1f}% lower on average over steps "
+                 f"{loss['second_half'][0]}–{loss['second_half'][-1]} (range {100 * loss['gain_min']:+.1f} to "
+                 f"{100 * loss['gain_max']:+.1f}%), {loss_word} the chance gap between scratch seeds (mean "
+                 f"{100 * loss['chance_mean']:.1f}%, max {100 * loss['chance_max']:.1f}%)")
+    agreement = final["usp_agreement"]
+    text += f"; class agreement {agreement:.2f} (USP) vs {final['scratch_agreement']:.2f} (scratch), chance 0.10."
+    return text
