@@ -354,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", type=_fraction, help="fraction of the matching steps shown but not judged: the "
                                                   "initial transient, where seeds differ by their random init "
                                                   "(default: usp.evaluate.compare.SKIP, 0.2)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_compare_run)
 
     p = sub.add_parser("reconstruct", help="the restoration figure: original | masked | reconstruction")
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"`usp {args.command}` takes no key=value overrides, got {' '.join(overrides)}")
         args.overrides = [*args.overrides, *overrides]
     try:
-        if args.dry_run and args.func is not cmd_train:
+        if getattr(args, "dry_run", False) and args.func is not cmd_train:
             dry_run(args)
         else:
             args.func(args)
