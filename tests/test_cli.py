@@ -57,7 +57,7 @@ def test_every_help_example_dry_runs(example, capsys, monkeypatch):
     cli.main([*argv, "--dry-run"])
     out = capsys.readouterr().out
     assert out.strip()
-    if argv[0] in cli.TRAIN_COMMANDS:  # the recipe with the example's overrides applied
+    if argv[0] in cli.TRAIN_COMMANDS and not argv[1].endswith((".safetensors", ".pt")):  # a recipe, overridden
         overrides = [a for a in argv[2:] if "=" in a and not a.startswith("-")]
         expected = load_config(argv[1], [*overrides, f"run.task={cli.TRAIN_COMMANDS[argv[0]]}"]).to_dict()
         assert yaml.safe_load(out) == expected
