@@ -33,8 +33,9 @@ LAYER = {
     "usp.cli": 7,
     "usp": 0,  # the package root: the errors a user can fix, nothing imported
 }
-# Reading a weights file is the checkpoint module's job at every layer: its format is defined once, there.
-ALLOWED_UPWARD = {("usp.evaluate.reconstruct", "usp.train.checkpoint")}
+# Reading a weights file or a run's log is the checkpoint / log module's job at every layer: each format is
+# defined once, there.
+ALLOWED_UPWARD = {("usp.evaluate.reconstruct", "usp.train.checkpoint"), ("usp.evaluate.compare", "usp.train.log")}
 
 
 def layer_of(module: str) -> tuple[str, int]:

@@ -91,9 +91,10 @@ def dry_run(args: argparse.Namespace) -> None:
 
 def cmd_probe_backbone(args: argparse.Namespace) -> None:
     from usp.evaluate.backbone_probe import format_table, probe_backbone
+    from usp.sample.run import load_generator
 
-    result = probe_backbone(args.recipe, args.overrides, blocks=args.blocks, noise_levels=args.noise_levels,
-                            model_name=args.model)
+    model, config = load_generator(args.recipe, list(args.overrides), args.model)
+    result = probe_backbone(model, config, args.recipe, blocks=args.blocks, noise_levels=args.noise_levels)
     print(json.dumps(result, indent=1))
     print(format_table(result))
     if args.out:

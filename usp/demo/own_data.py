@@ -114,8 +114,7 @@ class OwnDataDemo(Demo):
         return path
 
     def raw_pixel_probe(self, limit: int | None) -> dict:
-        from usp.evaluate.probes import logistic_regression
-        from usp.train.tasks.classification import fast_protocol
+        from usp.evaluate.probes import fast_protocol, logistic_regression
 
         (x, y), (test_x, test_y) = self.images(self.scan.train_split), self.images(self.scan.eval_split)
         start = time.perf_counter()

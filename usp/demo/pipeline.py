@@ -263,8 +263,7 @@ class Demo:
     def raw_pixel_probe(self, limit: int | None) -> dict:
         """Logistic regression on the raw pixels of the training images (the floor a useful encoder must clear)."""
         from usp.data.fashion_mnist import load_fashion_mnist
-        from usp.evaluate.probes import logistic_regression
-        from usp.train.tasks.classification import fast_protocol
+        from usp.evaluate.probes import fast_protocol, logistic_regression
 
         train_x, train_y = load_fashion_mnist(None, "train")
         test_x, test_y = load_fashion_mnist(None, "test")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from usp.evaluate.probes import knn_accuracy, logistic_regression
+from usp.config import Config
+from usp.evaluate.probes import fast_protocol, knn_accuracy, logistic_regression
 from usp.latent.data import LatentData
 from usp.models.dit import DiT
 
@@ -89,15 +90,12 @@ def split_features(model: DiT, config, data: LatentData, blocks: Sequence[int], 
     return {key: torch.cat(value) for key, value in feats.items()}, torch.cat(labels)
 
 
-def probe_backbone(weights: str | Path, overrides: Sequence[str] = (), blocks: Sequence[int] = (2, 4),
-                   noise_levels: Sequence[float] = (0.1, 0.5), model_name: str | None = None) -> dict:
-    """Logistic regression and k-NN top-1 of a DiT/SiT checkpoint's pooled block features, per block and
-    noise level, on the recipe's train / eval splits (a latent cache or images encoded on the fly)."""
-    from usp.sample.run import load_generator
-    from usp.train.tasks.classification import fast_protocol
-
+def probe_backbone(model: DiT, config: Config, weights: str | Path, blocks: Sequence[int] = (2, 4),
+                   noise_levels: Sequence[float] = (0.1, 0.5)) -> dict:
+    """Logistic regression and k-NN top-1 of a DiT/SiT's pooled block features, per block and noise level, on
+    the recipe's train / eval splits (a latent cache or images encoded on the fly). `model` and `config` are a
+    loaded generator and its recipe (`usp.sample.run.load_generator`); `weights` names where they came from."""
     start = time.perf_counter()
-    model, config = load_generator(weights, list(overrides), model_name)
     torch.manual_seed(config.run.seed)
     train_data = LatentData(config, config.data.split, augment=False)
     test_data = LatentData(config, config.data.eval_split, augment=False)

@@ -111,3 +111,12 @@ def knn_accuracy(
         scores.append(votes)
     return topk_accuracy(torch.cat(scores), test_y.long().to(train_x.device))
 
+
+def fast_protocol(features: dict | str, train_images: int, init: str | None) -> dict:
+    """The protocol card of a frozen-feature read-out (`fast_probe`, backbone probes, raw pixels)."""
+    return {"name": "fast read-out (NOT the paper's linear probe)", "init": init or "random",
+            "features": features,
+            "classifier": "logistic regression on standardised features (L-BFGS, 30 iterations, weight decay 1e-3);"
+                          " k-NN (k 20, cosine, temperature 0.07)",
+            "augmentation": "none (features computed once, unflipped, posterior mean)",
+            "schedule": "full batch, 30 L-BFGS iterations", "train_images": train_images}

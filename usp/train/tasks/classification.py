@@ -18,7 +18,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from usp.config import Config
-from usp.evaluate.probes import knn_accuracy, logistic_regression
+from usp.evaluate.probes import fast_protocol, knn_accuracy, logistic_regression
 from usp.latent.data import LatentData
 from usp.models.vit import VisionTransformer
 
@@ -325,16 +325,6 @@ def encode_split(model: VisionTransformer, data, batch_size: int = 500) -> tuple
         features.append(model.forward_features(data.latents(batch)))
         labels.append(batch["label"])
     return torch.cat(features), torch.cat(labels)
-
-
-def fast_protocol(features: dict | str, train_images: int, init: str | None) -> dict:
-    """The protocol card of a frozen-feature read-out (`fast_probe`, backbone probes, raw pixels)."""
-    return {"name": "fast read-out (NOT the paper's linear probe)", "init": init or "random",
-            "features": features,
-            "classifier": "logistic regression on standardised features (L-BFGS, 30 iterations, weight decay 1e-3);"
-                          " k-NN (k 20, cosine, temperature 0.07)",
-            "augmentation": "none (features computed once, unflipped, posterior mean)",
-            "schedule": "full batch, 30 L-BFGS iterations", "train_images": train_images}
 
 
 def fast_probe(config) -> dict:
