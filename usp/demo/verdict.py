@@ -104,7 +104,9 @@ def verdict_sentence(family_label: str, seed: int, v: dict) -> str:
             f"{final['usp_se']:.1f} / {final['scratch_se']:.1f})")
     if loss.get("rows"):
         loss_word = "beyond" if loss["beyond"] else "NOT beyond"
-        text += (f"; paired training loss {100 * loss['gain_mean']:+.1f}% lower on average over steps "
+        direction = "lower" if loss["gain_mean"] >= 0 else "HIGHER"
+        text += (f"; paired training loss {abs(100 * loss['gain_mean']):.1f}% {direction} than scratch on average "
+                 f"over steps "
                  f"{loss['second_half'][0]}–{loss['second_half'][-1]} (range {100 * loss['gain_min']:+.1f} to "
                  f"{100 * loss['gain_max']:+.1f}%), {loss_word} the chance gap between scratch seeds (mean "
                  f"{100 * loss['chance_mean']:.1f}%, max {100 * loss['chance_max']:.1f}%)")
