@@ -235,9 +235,9 @@ def test_no_flip_also_holds_for_cached_latents():
 
     data = LatentData.__new__(LatentData)  # only the flip coin is exercised: a cached dataset, no posterior noise
     data.vae, data.augment, data.sample_posterior = None, True, False
-    data.hflip = False
+    data.flip = False  # an augmented split with data.hflip=false
     assert not any(bool(data.extras()["flip"]) for _ in range(64))
-    data.hflip = True
+    data.flip = True
     assert any(bool(data.extras()["flip"]) for _ in range(64))
 
 
