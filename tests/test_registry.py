@@ -4,14 +4,13 @@ For each name: forward and backward are finite on a tiny input (the name's width
 depth cut to 2 so the 70 variants run in seconds); the full-size state-dict layout (built on the meta
 device) matches the snapshot in tests/snapshots/registry.json; and transfer from the same-size MAE covers
 every block of a DiT/SiT or classifier. Regenerate the snapshot after a deliberate layout change with
-`USP_UPDATE_SNAPSHOTS=1 python -m pytest tests/test_registry.py` and review its diff.
+`python tests/test_registry.py` and review its diff.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -84,8 +83,8 @@ def test_forward_backward_finite(name):
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-    # Something upstream of the output learns: the first block's attention receives gradient.
-    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0 or family in ("dit", "sit")
+    if family in ("vit", "vit_cls"):  # something upstream learns (DiT/SiT blocks start gated off by adaLN-Zero)
+        assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -96,8 +95,6 @@ def test_full_size_layout_matches_snapshot(name):
     assert got["num_params"] > 0
     block_key = "blocks.*.attn.qkv.weight"
     assert block_key in got["keys"]
-    if os.environ.get("USP_UPDATE_SNAPSHOTS"):
-        pytest.skip("snapshot being regenerated (test_write_snapshot)")
     snapshot = json.loads(SNAPSHOT.read_text())
     assert name in snapshot, f"{name} is new: regenerate {SNAPSHOT} (see the module docstring)"
     want = snapshot[name]
@@ -108,8 +105,8 @@ def test_full_size_layout_matches_snapshot(name):
     assert len(model.blocks) == size.depth
 
 
-@pytest.mark.skipif(not os.environ.get("USP_UPDATE_SNAPSHOTS"), reason="only when regenerating the snapshot")
-def test_write_snapshot():
+def write_snapshot() -> None:
+    """Regenerate the snapshot (`python tests/test_registry.py`), after a deliberate layout change only."""
     SNAPSHOT.parent.mkdir(exist_ok=True)
     entries = {name: {k: v for k, v in full_size_layout(name).items() if k != "keys"} for name in NAMES}
     SNAPSHOT.write_text(json.dumps(entries, indent=1) + "\n")
@@ -140,3 +137,7 @@ def test_transfer_from_the_same_size_mae_covers_every_block(name):
         for part in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight", "norm1.weight"):
             key = f"blocks.{block}.{part}"
             assert key in report.loaded and torch.equal(state[key], source[key])
+
+
+if __name__ == "__main__":
+    write_snapshot()
