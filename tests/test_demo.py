@@ -29,7 +29,8 @@ def test_demo_quick_then_full_quick_end_to_end(tmp_path, capsys):
     main(["demo", "--quick", "--out", str(out)])
     report = (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())
-    stages = ("vae", "cache", "domain", "pretrain", "sit_usp_s0", "sit_scratch_s0", "sit_scratch_s1", "probe")
+    stages = ("vae", "cache", "domain", "pretrain", "sit_usp_s0", "sit_scratch_s0", "sit_scratch_s1",
+              "sit_scratch_s0_w10000", "probe")
     for stage in stages:
         assert (out / "stages" / f"{stage}.json").is_file(), stage
         assert math.isfinite(results[stage]["seconds"]) and len(results[stage]["load"]) == 2
@@ -50,7 +51,8 @@ def test_demo_quick_then_full_quick_end_to_end(tmp_path, capsys):
     for field in ("EMA 0.99", "ode 6 steps (heun)", "CFG", "10 000 Fashion-MNIST test images", "bootstrap"):
         assert field in report, field
     final = results["verdict"]["sit"]["0"]["final"]
-    assert final["band"] >= abs(final["scratch"] - final["scratch_other"])
+    assert final["band_unpaired"] >= abs(final["scratch"] - final["scratch_other"])
+    assert final["band"] == final["band_paired"] >= abs(final["scratch"] - final["init_control"])
     assert "## Verdict" in report and "SiT, seed 0:" in report
     _images_decode(out, report, 7)
     # The logs the report copies are references `usp compare-run` reads.
@@ -77,7 +79,7 @@ def test_demo_quick_then_full_quick_end_to_end(tmp_path, capsys):
 
 def test_arms_put_usp_first_and_always_two_scratch_seeds():
     keys = [arm.key for arm in arms(BUDGETS["default"], 3)]
-    assert keys == ["sit_usp_s3", "sit_scratch_s3", "sit_scratch_s4"]
+    assert keys == ["sit_usp_s3", "sit_scratch_s3", "sit_scratch_s4", "sit_scratch_s3_w10003"]
     full = [arm.key for arm in arms(BUDGETS["full"], 0)]
     assert len(full) == 8 and full[:2] == ["dit_usp_s0", "dit_usp_s1"]
 
@@ -112,6 +114,29 @@ def test_verdict_reads_gaps_against_the_measured_band():
     wide = {"sit_usp_s0": _log({}, {400: (50.0, 5.0)}), "sit_scratch_s0": _log({}, {400: (60.0, 5.0)}),
             "sit_scratch_s1": _log({}, {400: (59.0, 5.0)})}
     assert family_verdict(wide, "sit", [0], (0, 1))[0]["final"]["band"] == pytest.approx(2 * math.sqrt(50))
+
+
+def test_the_init_only_control_sets_the_paired_band_and_the_unpaired_one_is_still_reported():
+    steps = (100, 200, 300, 400)
+    scratch0 = _log({s: 1.0 - s / 1000 for s in steps}, {400: (60.0, 1.0)})
+    scratch1 = _log({s: 1.05 * (1.0 - s / 1000) for s in steps}, {400: (50.0, 1.0)})  # unpaired: spread 10, 5 %
+    control = _log({s: 1.01 * (1.0 - s / 1000) for s in steps}, {400: (57.0, 1.0)})  # init only: spread 3, 1 %
+    usp = _log({s: 0.96 * (1.0 - s / 1000) for s in steps}, {400: (54.0, 1.0)})  # gain 6, loss 4 % lower
+    logs = {"sit_usp_s0": usp, "sit_scratch_s0": scratch0, "sit_scratch_s1": scratch1, "sit_scratch_s0_w7": control}
+    v = family_verdict(logs, "sit", [0], (0, 1), {0: "sit_scratch_s0_w7"})[0]
+    final = v["final"]
+    # Paired band = max(|60 - 57|, 2 * sqrt(1 + 1)) = 3; unpaired = 10. Gain 6: beyond the first, inside the second.
+    assert final["band"] == pytest.approx(3.0) and final["band_unpaired"] == pytest.approx(10.0)
+    assert final["beyond"] and not final["beyond_unpaired"]
+    # Loss: gain 4 % vs chance 1 % against the control (beyond), vs 5 % between scratch seeds (not beyond).
+    assert v["loss"]["chance_max"] == pytest.approx(0.01) and v["loss"]["chance_unpaired_max"] == pytest.approx(0.05)
+    assert v["loss"]["beyond"] and not v["loss"]["beyond_unpaired"]
+    text = verdict_sentence("SiT", 0, v)
+    assert "beats scratch beyond the noise band" in text and "does NOT clear" in text
+    assert "NOT beyond the unpaired gap" in text
+    # Without the control the same logs are read against the unpaired band, as before.
+    v = family_verdict(logs, "sit", [0], (0, 1))[0]
+    assert v["final"]["band"] == pytest.approx(10.0) and not v["final"]["beyond"]
 
 
 def test_paired_loss_and_steps_to_reach_edge_cases():

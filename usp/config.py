@@ -69,6 +69,9 @@ class ModelConfig:
     drop_path: float = 0.0
     class_dropout: float = 0.1  # DiT/SiT label dropout for classifier-free guidance
     affine_norms: bool = False  # DiT/SiT blocks: True = USP's "VAE-simple" block (receives pretrained norms)
+    # Seed of the initial weights (None: run.seed). Varying it alone, with data order, diffusion noise and sample
+    # seeds held by run.seed, measures how much a result moves by the random init only (the demo's paired band).
+    init_seed: int | None = None
 
 
 @dataclass

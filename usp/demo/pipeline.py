@@ -6,12 +6,13 @@ Stages (each skipped when its result file exists, so an interrupted demo resumes
   domain    the domain classifier for FD / class agreement    (not Inception FID)
   pretrain  USP masked latent modeling + restoration grid      usp pretrain configs/fmnist/pretrain.yaml
   <arm>     generators from USP and from scratch, same recipe, sampled and scored at checkpoints:
-            embedded default: SiT from USP and from scratch at the run's seed, and a second scratch seed whose
-            distance to the first is the measured noise band; --full: DiT and SiT, both arms, two seeds
+            embedded default: SiT from USP and from scratch at the run's seed, a scratch run with only the init
+            seed changed (the paired noise band) and a second scratch seed (the unpaired spread);
+            --full: DiT and SiT, both arms, two seeds
   probe     the paper's linear probe and the fast read-out: USP vs random init (and raw pixels)
   report    report.md with tables, curves and grids
 
-Modes: the embedded default (`usp demo`, about 13 minutes on 2 CPU cores), `--full` (the reproduction, about an
+Modes: the embedded default (`usp demo`, about 12 minutes on 2 CPU cores), `--full` (the reproduction, about an
 hour: longer pretraining, DiT and SiT, 1 000 steps, two seeds), and `--quick` (tiny budgets: checks the
 plumbing of either mode in about a minute; its numbers mean nothing).
 """
@@ -47,18 +48,22 @@ class Budget:
     probe_train: int
     families: tuple[str, ...]  # generators: "sit", "dit"
     usp_seeds: int  # seeds (run seed, +1, ...) of the USP arm; the scratch arm always runs two (the noise band)
+    # One more scratch run at the USP arm's run seed with only the initial weights' seed changed: the paired
+    # noise band (what a random init alone moves FD and loss by, with data order, noise and samples held).
+    init_control: bool = False
 
 
 BUDGETS: dict[str, Budget] = {
     # The embedded default: 15 minutes on 2 CPU cores including set-up (~1.5 min) and imports. Idle-machine costs
-    # behind it (docs/demo/README.md): VAE ~0.39 s/step, cache ~1 ms/image, domain classifier ~14 s/epoch,
-    # pretraining ~0.44 s/step (batch 256), SiT ~0.26 s/step (batch 128), one 1 000-sample evaluation ~21 s.
-    # Spent where the method shows: 600 constant-lr pretraining steps (an encoder that probes clearly above random
-    # init), 400 SiT steps (samples recognisable) in three runs (USP, scratch, scratch at a second seed for the
-    # noise band), one 1 000-sample evaluation each (FD sampling error ~2). DiT is in --full.
-    "default": Budget(images=20000, test_images=None, vae_steps=150, domain_epochs=2, pretrain_steps=600,
+    # behind it (docs/demo/README.md): VAE ~0.2 s/step, cache ~0.4 ms/image, domain classifier ~8 s/epoch,
+    # pretraining ~0.21 s/step (batch 256), SiT ~0.11 s/step (batch 128) + ~20 s per 1 000-sample evaluation.
+    # Spent where the method shows: 1 200 constant-lr pretraining steps (15 epochs of 20 000 images: the probe gap
+    # and the SiT gain grow with it, 600 steps left seed 1 inside the band), 400 SiT steps (samples recognisable) in
+    # four runs (USP; scratch; scratch with only the init seed changed, the paired band; scratch at a second seed,
+    # the unpaired spread), one 1 000-sample evaluation each (FD sampling error ~2). DiT is in --full.
+    "default": Budget(images=20000, test_images=None, vae_steps=150, domain_epochs=2, pretrain_steps=1200,
                       finetune_steps=400, eval_every=400, eval_samples=1000, probe_train=10000,
-                      families=("sit",), usp_seeds=1),
+                      families=("sit",), usp_seeds=1, init_control=True),
     # The reproduction (`--full`): the issue-15 protocol, about 70 minutes on 2 CPU cores: 2 000 pretraining
     # steps (17 epochs of 30 000 images), DiT and SiT from USP and from scratch at two seeds, 1 000 steps each,
     # evaluated every 250 steps with 1 000 samples.
@@ -68,7 +73,7 @@ BUDGETS: dict[str, Budget] = {
     # Plumbing checks (tests/test_demo.py): every stage and report path, numbers meaningless.
     "quick": Budget(images=2000, test_images=500, vae_steps=15, domain_epochs=1, pretrain_steps=10,
                     finetune_steps=8, eval_every=4, eval_samples=50, probe_train=500, families=("sit",),
-                    usp_seeds=1),
+                    usp_seeds=1, init_control=True),
     "full-quick": Budget(images=2000, test_images=500, vae_steps=15, domain_epochs=1, pretrain_steps=10,
                          finetune_steps=8, eval_every=4, eval_samples=50, probe_train=500, families=("dit", "sit"),
                          usp_seeds=2),
@@ -77,29 +82,30 @@ BUDGETS: dict[str, Budget] = {
 
 @dataclass(frozen=True)
 class Arm:
-    """One generator run: family (dit/sit), init (usp/scratch), training seed."""
+    """One generator run: family (dit/sit), init (usp/scratch), training seed, and the seed of the initial
+    weights when it differs from the training seed (the init-only control)."""
 
     family: str
     init: str
     seed: int
+    init_seed: int | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.family}_{self.init}_s{self.seed}"
-
-    @property
-    def label(self) -> str:
-        return f"{self.family.upper().replace('DIT', 'DiT').replace('SIT', 'SiT')} from " \
-               f"{'USP' if self.init == 'usp' else 'scratch'}, seed {self.seed}"
+        return f"{self.family}_{self.init}_s{self.seed}" + ("" if self.init_seed is None else f"_w{self.init_seed}")
 
 
 def arms(budget: Budget, seed: int) -> list[Arm]:
     """USP arms first (they need the pretraining), then scratch at two seeds: the second scratch seed differs
-    from the first only by chance, so their distance is the noise band the USP-vs-scratch gap is read against."""
+    from the first only by chance, so their distance is the unpaired noise band. With `init_control`, a scratch
+    run at the first seed whose initial weights alone are drawn from another seed (10⁴ + seed): it differs from the
+    paired scratch run exactly as the USP arm does (init only), so their distance is the paired noise band."""
     out = []
     for family in budget.families:
         out += [Arm(family, "usp", seed + k) for k in range(budget.usp_seeds)]
         out += [Arm(family, "scratch", seed + k) for k in range(2)]
+        if budget.init_control:
+            out.append(Arm(family, "scratch", seed, init_seed=10**4 + seed))
     return out
 
 
@@ -219,7 +225,9 @@ class Demo:
                      f"generation.eval_samples={self.budget('eval_samples')}",
                      f"generation.domain_classifier={self.out / 'domain.safetensors'}",
                      f"generation.domain_reference={self.domain_reference}",
-                     f"run.seed={arm.seed}", f"run.name=fmnist-{arm.family}-{arm.init}-s{arm.seed}"]
+                     f"run.seed={arm.seed}", f"run.name=fmnist-{arm.key.replace('_', '-')}"]
+        if arm.init_seed is not None:
+            overrides.append(f"model.init_seed={arm.init_seed}")
         if arm.init == "usp":
             overrides.append(f"model.init={usp_weights}")
         config = self.recipe(f"{arm.family}_{arm.init}", *overrides)
@@ -233,7 +241,8 @@ class Demo:
                     "reference": "the 10 000 Fashion-MNIST test images", "lr": config.lr,
                     "batch": config.train.global_batch}
         return {"run_dir": str(config.run_dir), "evals": evals, "final": evals[-1] if evals else {},
-                "arm": {"family": arm.family, "init": arm.init, "seed": arm.seed}, "protocol": protocol}
+                "arm": {"family": arm.family, "init": arm.init, "seed": arm.seed, "init_seed": arm.init_seed},
+                "protocol": protocol}
 
     def probe(self, usp_weights: str) -> dict:
         """The paper's linear probe (LARS, BN + linear on the frozen cls token) and the fast read-out (logistic

@@ -51,8 +51,9 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _label(key: str) -> str:
-    family, init, seed = key.split("_")
-    return f"{FAMILY[family]} from {'USP' if init == 'usp' else 'scratch'}, seed {seed[1:]}"
+    family, init, seed, *init_seed = key.split("_")  # <family>_<init>_s<seed>[_w<init seed>]
+    other = f", init seed {init_seed[0][1:]}" if init_seed else ""
+    return f"{FAMILY[family]} from {'USP' if init == 'usp' else 'scratch'}, seed {seed[1:]}{other}"
 
 
 def _probe_gaps(probe: dict) -> dict[str, float]:
@@ -141,20 +142,25 @@ def write_report(out: Path, results: dict, mode: str, seed: int) -> Path:
                          f"{p['samples']} | run seed + 10⁷ (the same in both arms of a seed) | "
                          f"{p['lr']:g}, {p['batch']} |")
         lines += ["", "Both arms of a seed share the recipe, data order, diffusion noise and sample seeds: only the "
-                  "initial weights differ (paired). The noise band at a step is the larger of the distance between "
-                  "the two scratch seeds and twice the combined bootstrap error.", ""]
+                  "initial weights differ (paired). The noise band at a step is measured the same way: the distance "
+                  "between scratch and a scratch run whose initial weights alone come from another seed (the paired "
+                  "band; where that control ran), else the distance between the two scratch seeds (unpaired); never "
+                  "below twice the combined bootstrap error. Both bands are shown where both runs exist.", ""]
     for family in families:
         name = FAMILY[family]
         keys = [k for k in arms if k.startswith(family + "_")]
         usp_seeds = sorted(results[k]["arm"]["seed"] for k in keys if results[k]["arm"]["init"] == "usp")
-        scratch_seeds = sorted(results[k]["arm"]["seed"] for k in keys if results[k]["arm"]["init"] == "scratch")
+        scratch = [results[k]["arm"] for k in keys if results[k]["arm"]["init"] == "scratch"]
+        scratch_seeds = sorted(a["seed"] for a in scratch if a.get("init_seed") is None)
+        controls = {a["seed"]: f"{family}_scratch_s{a['seed']}_w{a['init_seed']}" for a in scratch
+                    if a.get("init_seed") is not None}
         if len(scratch_seeds) < 2 or not usp_seeds:
             continue
-        verdict = family_verdict(logs, family, usp_seeds, (scratch_seeds[0], scratch_seeds[1]))
+        verdict = family_verdict(logs, family, usp_seeds, (scratch_seeds[0], scratch_seeds[1]), controls)
         verdicts[family] = verdict
         lines += [f"### {name}", "", "| step | " + " | ".join(f"FD {_label(k)}" for k in keys) +
-                  " | noise band | " + " | ".join(f"USP gain, seed {s}" for s in usp_seeds) + " |",
-                  "| --- " * (2 + len(keys) + len(usp_seeds)) + "|"]
+                  " | noise band (paired / unpaired) | " + " | ".join(f"USP gain, seed {s}" for s in usp_seeds) +
+                  " |", "| --- " * (2 + len(keys) + len(usp_seeds)) + "|"]
         evals = {k: {e["step"]: e for e in logs[k][1]} for k in keys}
         for step in sorted(set().union(*[set(e) for e in evals.values()])):
             cells = []
@@ -163,10 +169,14 @@ def write_report(out: Path, results: dict, mode: str, seed: int) -> Path:
                 cells.append(f"{_fmt(e.get('domain_fd'))} ± {_fmt(e.get('domain_fd_se'), 2)} "
                              f"(agr. {_fmt(e.get('class_agreement'), 2)})" if e else "—")
             band_rows = {s: next((r for r in verdict[s]["fd"] if r["step"] == step), None) for s in usp_seeds}
-            band = next((r["band"] for r in band_rows.values() if r), None)
-            gains = [f"{r['gain']:+.1f}{' ✓' if r['beyond'] else ''}" if r else "—" for r in band_rows.values()]
-            lines.append(f"| {step} | " + " | ".join(cells) + f" | ±{_fmt(band)} | " + " | ".join(gains) + " |")
-        lines += ["", "✓: the USP arm's FD is lower than its paired scratch run's by more than the noise band.", ""]
+            some = next((r for r in band_rows.values() if r), None)
+            bands = "—" if some is None else (f"±{_fmt(some['band_paired'])} / ±{_fmt(some['band_unpaired'])}"
+                                              if "band_paired" in some else f"— / ±{_fmt(some['band_unpaired'])}")
+            gains = [f"{r['gain']:+.1f}{' ✓' if r['beyond'] else ''}{'✓' if r['beyond_unpaired'] else ''}" if r
+                     else "—" for r in band_rows.values()]
+            lines.append(f"| {step} | " + " | ".join(cells) + f" | {bands} | " + " | ".join(gains) + " |")
+        lines += ["", "✓: the USP arm's FD is lower than its paired scratch run's by more than the deciding band "
+                  "(the paired one where it exists); ✓✓: by more than the unpaired band too.", ""]
         for s in usp_seeds:
             sentences.append(verdict_sentence(name, s, verdict[s]))
         lines += [f"- {sentences[-len(usp_seeds) + i]}" for i in range(len(usp_seeds))]
@@ -184,8 +194,13 @@ def write_report(out: Path, results: dict, mode: str, seed: int) -> Path:
                                                       [100 * r["gain"] for r in verdict[s]["loss"]["rows"]])
                        for s in usp_seeds}
         first = verdict[usp_seeds[0]]["loss"]["rows"]
-        gain_series["scratch seed vs scratch seed (chance)"] = ([r["step"] for r in first],
+        paired = verdict[usp_seeds[0]]["loss"].get("paired")
+        gain_series["scratch vs its init-only control (chance)" if paired else
+                    "scratch seed vs scratch seed (chance)"] = ([r["step"] for r in first],
                                                                 [100 * r["chance"] for r in first])
+        if paired:
+            gain_series["scratch seed vs scratch seed (unpaired chance)"] = (
+                [r["step"] for r in first], [100 * r["chance_unpaired"] for r in first])
         _plot(out / f"{family}_loss_gain.png", gain_series, "loss gain over scratch (%)",
               f"{name}: paired training-loss gain")
         lines += [f"![{name} loss]({family}_loss.png) ![{name} domain FD]({family}_domain_fd.png) "

@@ -40,7 +40,8 @@ def build_task(config: Config):
     if config.run.task not in TASK_BUILDERS:
         raise ValueError(f"run.task={config.run.task!r} has no task yet; available: {', '.join(TASK_BUILDERS)}")
     check_inputs(config)
-    torch.manual_seed(config.run.seed)  # the model's initialisation depends on the recipe's seed only
+    # The model's initialisation depends on the recipe's seeds only (model.init_seed, else run.seed).
+    torch.manual_seed(config.run.seed if config.model.init_seed is None else config.model.init_seed)
     task = TASK_BUILDERS[config.run.task](config)
     if config.run.task in ("finetune", "probe", "classify"):
         from usp.data.images import check_num_classes
