@@ -197,3 +197,17 @@ def test_an_interval_round_trips_through_a_stored_recipe():
     config = load_config(None, ["generation.guidance_interval=[0.1, 0.7]"])
     assert config.generation.guidance_interval == (0.1, 0.7)
     assert config_from_dict(config.to_dict()).generation.guidance_interval == (0.1, 0.7)
+
+
+def test_a_preset_applies_to_a_public_sit_checkpoint(tmp_path):
+    # A .pt without usp metadata gets SiT's method and ODE sampler as defaults; a preset on the command line wins.
+    from usp.sample.run import load_generator
+    from usp.train.tasks.generation import build_generator
+
+    sizes = ["data.image_size=32", "model.num_classes=10"]
+    path = tmp_path / "sit.pt"
+    torch.save(build_generator(load_config(None, [*sizes, "model.name=sit_t_2"])).state_dict(), path)
+    plain = load_generator(path, sizes, model_name="sit_t_2")[1].generation
+    repa = load_generator(path, [*sizes, "generation.preset=repa"], model_name="sit_t_2")[1].generation
+    assert (plain.method, plain.sampler) == ("transport", "ode")
+    assert (repa.method, repa.sampler, repa.cfg_scale, repa.guidance_interval) == ("transport", "sde", 1.8, (0.0, 0.7))
