@@ -211,3 +211,57 @@ def test_a_preset_applies_to_a_public_sit_checkpoint(tmp_path):
     repa = load_generator(path, [*sizes, "generation.preset=repa"], model_name="sit_t_2")[1].generation
     assert (plain.method, plain.sampler) == ("transport", "ode")
     assert (repa.method, repa.sampler, repa.cfg_scale, repa.guidance_interval) == ("transport", "sde", 1.8, (0.0, 0.7))
+
+
+def _repa_reference(model, labels, seeds, cfg_scale: float, high: float, steps: int) -> tuple[torch.Tensor, int]:
+    """REPA's Euler–Maruyama sampler with its guidance interval, written here independently in REPA's time
+    (t_noise: 1 = noise → 0 = data, float64 state, grid linspace(1, 0.04, steps) then a mean step to 0), for the
+    linear path x = (1 − t) x_data + t ε. A usp SiT predicts SiT's velocity at SiT time 1 − t, which is minus
+    REPA's velocity v = ε − x_data. With ε = x + (1 − t) v and score s = −ε / t, REPA's reverse drift
+    v − ½·(2t)·s is x + (2 − t) v. Guidance mixes the drifts of the two halves, where 0 ≤ t ≤ high (inclusive).
+    Returns (x_data, number of guided calls)."""
+    gens = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]  # sample_generators' streams
+    x = torch.stack([torch.randn(SHAPE, generator=g) for g in gens]).double()
+    null = torch.full_like(labels, model.null_label)
+
+    def drift(x: torch.Tensor, t: float) -> tuple[torch.Tensor, bool]:
+        t_sit = torch.full((x.shape[0],), 1 - t, dtype=torch.float32)
+        d = {}
+        for key, y in (("cond", labels), ("uncond", null)):
+            v = -model(x.float(), t_sit, y).double()
+            d[key] = x + (2 - t) * v
+        guided = 0 <= t <= high
+        return (d["uncond"] + cfg_scale * (d["cond"] - d["uncond"]) if guided else d["cond"]), guided
+
+    grid = torch.linspace(1.0, 0.04, steps, dtype=torch.float64).tolist()
+    n_guided = 0
+    with torch.no_grad():
+        for t_cur, t_next in zip(grid[:-1], grid[1:]):
+            dt = t_next - t_cur
+            eps = torch.stack([torch.randn(SHAPE, generator=g) for g in gens]).double()
+            d, guided = drift(x, t_cur)
+            x = x + d * dt + (2 * t_cur) ** 0.5 * eps * abs(dt) ** 0.5
+            n_guided += guided
+        d, guided = drift(x, grid[-1])
+        x = x + d * (0.0 - grid[-1])
+    return x.float(), n_guided + guided
+
+
+def test_the_repa_preset_samples_as_repas_euler_maruyama_with_its_interval():
+    torch.manual_seed(0)
+    model = create_model("sit_t_2", input_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+        model.y_embedder.embedding_table.weight.normal_(0, 1.0)  # labels matter, so guidance moves the samples
+    gen = load_config(None, ["generation.method=transport", "generation.preset=repa"]).generation
+    with Calls(model) as calls:
+        ours = sample_latents(model, gen, LABELS, SEEDS, SHAPE)
+    # 250 calls at t_noise = 1 − 0.96 k / 249 (k = 0 … 249, the last the mean step at 0.04): ≤ 0.7 from k = 78 on
+    assert (len(calls.times(guided=True)), len(calls.times(guided=False))) == (172, 78)
+    reference, n_guided = _repa_reference(model, LABELS, SEEDS, 1.8, 0.7, 250)
+    assert n_guided == 172
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)  # float32 vs REPA's float64: ~1e-6 here
+    everywhere = _repa_reference(model, LABELS, SEEDS, 1.8, 1.0, 250)[0]
+    assert (ours - everywhere).abs().max() > 1e-3  # guiding every step lands elsewhere (0.04 here)
