@@ -375,8 +375,8 @@ def config_from_dict(values: dict[str, Any], overrides: typing.Sequence[str] = (
     A `generation.preset` named in `values` fills the keys `values` lacks; one named in the overrides is laid
     over `values` first, under the overrides themselves (apply_generation_preset)."""
     values = apply_generation_preset(values)
-    preset = apply_generation_preset(apply_overrides({}, overrides)).get("generation", {})
-    if preset.get("preset") not in (None, "none"):
+    preset = apply_generation_preset(apply_overrides({}, overrides)).get("generation")
+    if isinstance(preset, dict) and preset.get("preset") not in (None, "none"):
         values = _merge(values, {"generation": {k: v for k, v in preset.items() if k != "preset"}})
     return _build(Config, apply_overrides(values, overrides), "").validate()
 
