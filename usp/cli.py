@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--num-samples 50000 generation.cfg_scale=1.5")
     p.add_argument("weights", help="weights_*.safetensors of `usp finetune`, or a public DiT/SiT .pt with --model")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. generation.cfg_scale=1.5 "
-                                               "generation.sample_steps=250")
+                                               "generation.sample_steps=250; generation.preset=dit|repa; "
+                                               "generation.guidance_interval=[0,0.7] (noise level, 1 = noise)")
     p.add_argument("--model", help="registry name for a public checkpoint without usp metadata, e.g. dit_xl_2")
     p.add_argument("--out", help="output folder (default: <run>/samples_<N>)")
     p.add_argument("--num-samples", type=int, default=64)

@@ -104,6 +104,39 @@ class GenerationConfig:
     grid_per_class: int = 4
     domain_classifier: str | None = None  # domain FD + class agreement at eval (NOT Inception FID)
     domain_reference: str | None = None  # the real images of that FD: an ADM-format NPZ (arr_0 uint8 N×H×W×3)
+    # Guidance interval (Kynkäänniemi et al., NeurIPS 2024): CFG only where the noise level t_noise ∈ [low, high],
+    # t_noise 1 = pure noise, 0 = data, both ends included (REPA); elsewhere the model runs conditional only.
+    # null = guide at every step. Mapped per sampler by usp.sample.guided.noise_level (docs/conventions.md).
+    guidance_interval: tuple[float, float] | None = None
+    # A published sampling setting (GENERATION_PRESETS); it fills the generation keys that the recipe file or the
+    # override list naming it does not set (see apply_generation_preset).
+    preset: Literal["none", "dit", "repa"] = "none"
+
+
+# What each `generation.preset` sets. dit: DiT's FID-50K setting (Peebles & Xie 2023, Table 4 / sample_ddp.py:
+# 250 DDPM steps, cfg 1.5 on 3 of 4 latent channels). repa: REPA's (Yu et al. 2025, README / generate.py: SDE
+# Euler–Maruyama, 250 steps, cfg 1.8 on all channels, guidance interval t_noise ∈ [0, 0.7]).
+GENERATION_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "dit": {"sampler": "ddpm", "sample_steps": "250", "cfg_scale": 1.5, "guided_channels": 3,
+            "guidance_interval": None},
+    "repa": {"sampler": "sde", "sample_steps": "250", "cfg_scale": 1.8, "guided_channels": None,
+             "guidance_interval": [0.0, 0.7]},
+}
+
+
+def apply_generation_preset(layer: dict[str, Any]) -> dict[str, Any]:
+    """Fill the generation keys of one layer (a recipe file's own mapping, or the overrides of one command) from
+    the preset that layer names; keys the layer sets itself win. Layers then stack as usual (base < recipe <
+    overrides), so a preset replaces what a base recipe or a stored run recipe set. In place; returned."""
+    gen = layer.get("generation")
+    if not isinstance(gen, dict) or gen.get("preset") in (None, "none"):
+        return layer
+    if gen["preset"] not in GENERATION_PRESETS:
+        raise ValueError(f"generation.preset={gen['preset']!r} is not allowed; choose one of "
+                         f"{', '.join(GENERATION_PRESETS)}")
+    layer["generation"] = {**GENERATION_PRESETS[gen["preset"]], **gen}
+    return layer
 
 
 @dataclass
@@ -182,7 +215,15 @@ class Config:
 
     def validate(self) -> Config:
         samplers = ("ddpm", "ddim") if self.generation.method == "ddpm" else ("ode", "sde")
+        if self.generation.preset != "none" and self.generation.sampler not in samplers:
+            raise ValueError(f"generation.preset={self.generation.preset} samples with "
+                             f"{self.generation.sampler}, which a generation.method={self.generation.method} model "
+                             f"cannot use ({', '.join(samplers)}): choose the other preset, or preset none")
         _choice("generation.sampler", self.generation.sampler, samplers)
+        interval = self.generation.guidance_interval
+        if interval is not None and not 0.0 <= interval[0] <= interval[1] <= 1.0:
+            raise ValueError(f"generation.guidance_interval must be [low, high] with 0 <= low <= high <= 1 (noise "
+                             f"level: 1 = pure noise, 0 = data), or null to guide every step; got {list(interval)}")
         if not 0.0 <= self.pretrain.mask_ratio < 1.0:
             raise ValueError(f"pretrain.mask_ratio must be in [0, 1), got {self.pretrain.mask_ratio}")
         if not 0.0 < self.pretrain.noise_alpha_min <= 1.0:
@@ -332,7 +373,14 @@ def apply_overrides(values: dict[str, Any], overrides: typing.Sequence[str]) -> 
 
 
 def config_from_dict(values: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
-    """A validated Config from a nested dict (e.g. the recipe stored in a checkpoint) plus overrides."""
+    """A validated Config from a nested dict (e.g. the recipe stored in a checkpoint) plus overrides.
+
+    A `generation.preset` named in `values` fills the keys `values` lacks; one named in the overrides is laid
+    over `values` first, under the overrides themselves (apply_generation_preset)."""
+    values = apply_generation_preset(values)
+    preset = apply_generation_preset(apply_overrides({}, overrides)).get("generation")
+    if isinstance(preset, dict) and preset.get("preset") not in (None, "none"):
+        values = _merge(values, {"generation": {k: v for k, v in preset.items() if k != "preset"}})
     return _build(Config, apply_overrides(values, overrides), "").validate()
 
 
@@ -404,6 +452,7 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"recipe {path} must be a mapping of sections (run:, data:, ...)")
+    apply_generation_preset(values)  # this file's preset, under this file's keys, over its base's
     base = values.pop("base", None)
     if base is None:
         return values

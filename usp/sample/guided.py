@@ -30,23 +30,66 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return AMP_DTYPES.get(amp)
 
 
+# DiT's training diffusion has T = 1000 steps (DDPM §4); a respaced sampler hands the model these original steps.
+DDPM_TIMESTEPS = 1000
+
+
+def noise_level(t: torch.Tensor, method: str, num_timesteps: int = DDPM_TIMESTEPS) -> torch.Tensor:
+    """The noise level t_noise ∈ [0, 1] (1 = pure noise, 0 = data) of the time `t` a sampler hands the model.
+
+    t: (N,). method 'ddpm': t is the original DDPM timestep {0, …, T−1} (also after respacing), t_noise = t / T;
+    'transport': t is SiT time (0 = noise, 1 = data, docs/conventions.md), t_noise = 1 − t. Returns (N,) float64,
+    so that e.g. timestep 700 gives exactly the float 0.7 an interval bound is written as.
+    """
+    if method == "ddpm":
+        return t.to(torch.float64) / num_timesteps
+    if method == "transport":
+        return 1.0 - t.to(torch.float64)
+    raise ValueError(f"method must be 'ddpm' or 'transport', got {method!r}")
+
+
 def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_channels: int | None,
-                    amp: torch.dtype | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                    amp: torch.dtype | None = None, *, interval: tuple[float, float] | None = None,
+                    method: str = "ddpm") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """model_fn(x, t) for samplers: conditional on `labels`, with classifier-free guidance when scale ≠ 1.
 
+    interval: guide only the calls whose noise level `noise_level(t, method)` lies in [low, high], both ends
+    included (REPA's check); every other call runs the conditional model alone, on the batch as given, without
+    the unconditional half (Kynkäänniemi et al. 2024, "guidance interval"). None guides every call.
     amp: run the network under autocast of this dtype and hand the sampler float32 (its state and noise stay
     float32, so only the network's rounding changes); None runs it as called.
     """
+    if interval is not None:
+        low, high = interval
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"guidance interval must be [low, high] with 0 <= low <= high <= 1, got {interval}")
     null = torch.full_like(labels, model.null_label) if cfg_scale != 1.0 else None
+
+    def cfg(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_null: torch.Tensor) -> torch.Tensor:
+        return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale,
+                                      guided_channels)[: x.shape[0]]
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if null is None:
+            return model(x, t, labels)
+        if interval is None:
+            return cfg(x, t, labels, null)
+        level = noise_level(t, method)
+        inside = (level >= interval[0]) & (level <= interval[1])  # (N,) bool
+        # One host sync per call (the samplers give every sample the same t): the branch sets the batch size.
+        if bool(inside.all()):
+            return cfg(x, t, labels, null)
+        if not bool(inside.any()):
+            return model(x, t, labels)
+        out = torch.empty((x.shape[0], model.num_output_channels, *x.shape[2:]), device=x.device, dtype=x.dtype)
+        out[inside] = cfg(x[inside], t[inside], labels[inside], null[inside]).to(x.dtype)
+        out[~inside] = model(x[~inside], t[~inside], labels[~inside]).to(x.dtype)
+        return out
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # no autocast object at all for fp32: devices without autocast (meta, some backends) refuse even a disabled one
         with contextlib.nullcontext() if amp is None else torch.autocast(x.device.type, dtype=amp):
-            if null is None:
-                out = model(x, t, labels)
-            else:
-                out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]),
-                                             cfg_scale, guided_channels)[: x.shape[0]]
+            out = guided(x, t)
         return out if amp is None else out.float()
 
     return fn
@@ -77,9 +120,9 @@ def sample_latents(model: DiT, gen: GenerationConfig, labels: torch.Tensor, seed
     generators = sample_generators(seeds, device)
     noise = torch.stack([torch.randn(latent_shape, generator=g, device=device) for g in generators])
     model_fn = guided_model_fn(model, labels.to(device), gen.cfg_scale, gen.guided_channels,
-                               amp_dtype(gen.amp, device))
+                               amp_dtype(gen.amp, device), interval=gen.guidance_interval, method=gen.method)
     if gen.method == "ddpm":
-        diffusion = create_diffusion(gen.sample_steps, learn_sigma=gen.learn_sigma)
+        diffusion = create_diffusion(gen.sample_steps, learn_sigma=gen.learn_sigma, num_timesteps=DDPM_TIMESTEPS)
         if gen.sampler == "ddim":
             return ddim_sample_loop(diffusion, model_fn, noise, progress=progress, generator=generators)
         return p_sample_loop(diffusion, model_fn, noise, progress=progress, generator=generators)

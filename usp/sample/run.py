@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from usp.config import Config, config_from_dict, load_config
+from usp.config import Config, config_from_dict
 from usp.latent.vae import LatentSpace
 from usp.models.dit import DiT
 from usp.models.transfer import load_state_dict_file
@@ -33,8 +33,9 @@ def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model
         if model_name is None:
             raise ValueError(f"{path} has no usp metadata; pass --model (e.g. dit_xl_2 or sit_xl_2) and overrides "
                              "such as data.image_size=256 model.affine_norms=true for USP's fine-tuned weights")
-        method = ["generation.method=transport", "generation.sampler=ode"] if model_name.startswith("sit") else []
-        config = load_config(None, [*method, *overrides, f"model.name={model_name}"])
+        # SiT's defaults sit under the overrides (a layer of their own), so a generation.preset given there wins
+        method = {"generation": {"method": "transport", "sampler": "ode"}} if model_name.startswith("sit") else {}
+        config = config_from_dict(method, [*overrides, f"model.name={model_name}"])
     model = build_generator(config)
     state = load_weights(path)[0] if path.suffix == ".safetensors" else load_state_dict_file(path)
     load_strict(model, state, str(path))
