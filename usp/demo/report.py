@@ -74,13 +74,19 @@ def _probe_gap(probe: dict) -> float | None:
 
 
 def _steps_to_reach_lines(verdict: dict, usp_seeds: list[int]) -> list[str]:
-    lines = [f"Steps to reach scratch's final figure (scratch ran {verdict[usp_seeds[0]]['scratch_steps']} steps):",
-             "", "| USP seed | scratch's final FD | USP reaches it at step | scratch's final loss | "
-             "USP reaches it at step |", "| --- | --- | --- | --- | --- |"]
+    """The steps-to-reach table: where the USP arm first matches scratch's final FD and loss, and that step as a
+    fraction of scratch's steps (0.5 = USP needs half the steps; the resolution is the evaluation/log interval)."""
+    total = verdict[usp_seeds[0]]["scratch_steps"]
+    lines = [f"Steps to reach scratch's final figure (scratch ran {total} steps; first evaluated/logged step at or "
+             "below it, and that step / scratch's steps):", "",
+             "| USP seed | scratch's final FD | USP reaches it at step | fraction | scratch's final loss | "
+             "USP reaches it at step | fraction |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in usp_seeds:
         v = verdict[s]
-        lines.append(f"| {s} | {_fmt(v['scratch_final_fd'])} | {_fmt(v['fd_reached_at'])} | "
-                     f"{_fmt(v['scratch_final_loss'], 4)} | {_fmt(v['loss_reached_at'])} |")
+        fractions = [f"{v[key] / v['scratch_steps']:.2f}" if v[key] and v["scratch_steps"] else "not reached"
+                     for key in ("fd_reached_at", "loss_reached_at")]
+        lines.append(f"| {s} | {_fmt(v['scratch_final_fd'])} | {_fmt(v['fd_reached_at'])} | {fractions[0]} | "
+                     f"{_fmt(v['scratch_final_loss'], 4)} | {_fmt(v['loss_reached_at'])} | {fractions[1]} |")
     return lines
 
 
