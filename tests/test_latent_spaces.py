@@ -317,3 +317,49 @@ def test_e2e_vae_loads_through_the_diffusers_path_with_its_config_constants(tmp_
     (tmp_path / "e2e" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no scaling_factor"):
         scale_and_shift("e2e-vae", str(tmp_path / "e2e"))
+
+
+# ---- 5. end to end on VA-VAE latents: cache, USP pretraining, SiT fine-tuning from it --------------------------
+
+def test_vavae_latents_cache_pretrain_and_sit_finetune(tiny_vavae, tmp_path):
+    """64 px Fashion-MNIST through the tiny VA-VAE-layout VAE (f16: 4×4×32 latents, patch-1 models), the CLI's
+    cache, 2 steps of USP pretraining (vit_t_1) on the cache, then 2 steps of SiT (sit_t_1) from its weights."""
+    import numpy as np
+
+    from usp.cli import main
+    from usp.config import load_config
+    from usp.train import checkpoint as ckpt
+    from usp.train.engine import Runtime, train
+    from usp.train.tasks import build_task
+
+    path, stats = tiny_vavae
+    cpu = Runtime(rank=0, world_size=1, device=torch.device("cpu"))
+    common = ["data.source=fashion_mnist", "data.image_size=64", "data.limit=8", "data.num_workers=0",
+              "latent.space=va-vae-f16d32", f"latent.path={path}", f"latent.cache={tmp_path / 'cache'}",
+              f"run.out_dir={tmp_path / 'runs'}", "train.global_batch=4", "train.max_steps=2", "train.log_every=1",
+              "train.ckpt_every=2", "train.tensorboard=false", "train.progress=false", "optim.warmup_epochs=0"]
+    main(["cache-latents", "fmnist/pretrain", "--splits", "train", "--batch-size", "4", *common])
+    assert read_header(tmp_path / "cache" / "train.latents")["channels"] == 32
+
+    config = load_config(None, [*common, "model.name=vit_t_1", "run.name=pre"])
+    task = build_task(config)
+    item = task.train_set[0]
+    batch = {"moments": item["moments"][None], "flip": torch.tensor([False])}
+    expected = (item["moments"][0, :32][None] - stats["mean"]) / stats["std"]  # LightningDiT's normalisation
+    assert torch.allclose(task.data.latents(batch), expected, atol=1e-5)
+    result = train(config, task, cpu, resume=None)
+    assert all(np.isfinite(r["loss"]) for r in result["history"])
+    weights = ckpt.latest_weights(config.run_dir / "checkpoints")
+
+    config = load_config(None, [*common, "run.task=finetune", "run.name=sit", "model.name=sit_t_1",
+                                f"model.init={weights}", "model.affine_norms=true", "model.num_classes=10",
+                                "generation.method=transport", "generation.sampler=ode",
+                                "generation.ode_method=euler", "generation.sample_steps=2",
+                                "generation.grid_per_class=1", "optim.lr=1e-3", "optim.weight_decay=0.0"])
+    task = build_task(config)
+    assert task.latent_shape == (32, 4, 4) and task.model.x_embedder.proj.weight.shape[1] == 32
+    source, _ = ckpt.load_weights(weights)
+    assert torch.equal(task.model.state_dict()["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
+    result = train(config, task, cpu, resume=None)
+    assert all(np.isfinite(r["loss"]) for r in result["history"])
+    assert (config.run_dir / "samples" / "step_0000002.png").is_file()  # decoded through the VA-VAE decoder
