@@ -319,6 +319,23 @@ def test_e2e_vae_loads_through_the_diffusers_path_with_its_config_constants(tmp_
         scale_and_shift("e2e-vae", str(tmp_path / "e2e"))
 
 
+@pytest.mark.parametrize("size", ["b", "xl"])
+def test_full_size_patch1_models_take_vavae_latents_and_the_usp_transfer(size):
+    """vit_{b,xl}_1 pretrained on 224 px VA-VAE latents (14×14×32) -> sit_{b,xl}_1 at 256 px (16×16×32), full size on
+    the meta device: the 32-channel patch embedding and every block weight transfer, the grid is resized."""
+    from usp.models import SIZES, create_model
+    from usp.models.transfer import transfer_weights
+
+    with torch.device("meta"):
+        mae = create_model(f"vit_{size}_1", latent_size=14, in_channels=32)
+        sit = create_model(f"sit_{size}_1", input_size=16, in_channels=32, num_classes=1000, affine_norms=True)
+    report = transfer_weights(mae.state_dict(), sit)
+    assert sit.x_embedder.proj.weight.shape == (SIZES[size].width, 32, 1, 1) and sit.pos_embed.shape[1] == 256
+    assert "x_embedder.proj.weight" in report.loaded and report.resized == ["pos_embed"]
+    blocks = [k for k in sit.state_dict() if k.startswith("blocks.") and "adaLN" not in k]
+    assert len(blocks) == SIZES[size].depth * 12 and set(blocks) <= set(report.loaded)
+
+
 # ---- 5. end to end on VA-VAE latents: cache, USP pretraining, SiT fine-tuning from it --------------------------
 
 def test_vavae_latents_cache_pretrain_and_sit_finetune(tiny_vavae, tmp_path):
