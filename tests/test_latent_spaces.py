@@ -183,7 +183,7 @@ def test_vavae_f16d32_real_key_set_loads_strictly_and_other_keys_are_named():
         vae_from_ldm_state(meta_state(dataclasses.replace(KL16_LAYOUT, decoder_attn=(16,))), VAVAE_F16D32_LAYOUT)
 
 
-def test_kl16_layout_keeps_the_encoder_attention_the_old_conversion_dropped():
+def test_kl16_layout_has_the_encoder_attention_mars_checkpoint_holds():
     vae = vae_from_ldm_state(meta_state(KL16_LAYOUT), KL16_LAYOUT)
     assert diffusers_config(KL16_LAYOUT)["down_block_types"][-1] == "AttnDownEncoderBlock2D"
     assert all(t == "UpDecoderBlock2D" for t in diffusers_config(KL16_LAYOUT)["up_block_types"])
