@@ -21,7 +21,8 @@ def assets(recipes: list[str]) -> list[tuple[str, str]]:
         path = config.latent.path or spec.default_path
         if path is None:
             continue
-        is_local = spec.kind == "ldm" or spec.scale is None or Path(path).exists() or path.startswith(("/", ".", "~"))
+        is_local = (spec.kind == "ldm" or spec.norm == "usp_stats" or Path(path).exists()
+                    or path.startswith(("/", ".", "~")))
         entry = ("local" if is_local else "hub", path)
         if entry not in found:
             found.append(entry)

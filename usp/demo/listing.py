@@ -22,10 +22,15 @@ def latent_spaces() -> list[str]:
     width = max(map(len, LATENT_SPACES))
     lines = []
     for name, spec in LATENT_SPACES.items():
-        scale = f"scale {spec.scale}" if spec.scale is not None else "scale from the VAE folder (usp train-vae)"
-        where = spec.default_path or ("latent.path: an LDM .ckpt" if spec.kind == "ldm" else "latent.path: a folder")
+        norm = {"constant": f"scale {spec.scale}, shift {spec.shift}",
+                "usp_stats": "scale and shift from the VAE folder (usp train-vae)",
+                "channel_stats": f"per-channel (x - mean) / std x {spec.scale}, stats from {spec.stats_file} "
+                                 "beside the checkpoint",
+                "vae_config": "scale/shift (or per-channel mean/std) from the VAE's config.json"}[spec.norm]
+        where = spec.default_path or ("latent.path: an LDM checkpoint" if spec.kind == "ldm" else
+                                      "latent.path: a folder")
         lines.append(f"{name:<{width}}  {spec.channels} channels, factor {spec.factor} "
-                     f"(256 px -> {256 // spec.factor}²), {scale}, shift {spec.shift}; {where}")
+                     f"(256 px -> {256 // spec.factor}²), {norm}; {where}")
     return lines
 
 

@@ -2,8 +2,9 @@
 
 One file per split, `<split>.latents`: a 4 KiB JSON header, then a float32 array
 (N, 2, 2C, h, w) — [plain, flipped] × [mean | logvar] — then int64 labels (N,). The header names what
-made the cache — the latent space, a hash of the VAE's weights, the image size, crop and normalisation,
-the dataset folder and the image count — and a run whose recipe differs in any of them is refused
+made the cache — the latent space, a hash of the VAE's weights, a hash of the latent normalisation (scale and
+shift, per channel for VA-VAE), the image size, crop and image normalisation, the dataset folder and the image
+count — and a run whose recipe differs in any of them is refused
 (`verify_cache`). `done` tells how many images are written, so an interrupted `usp cache-latents` resumes
 where it stopped. The file is allocated in full before the first write, so a full disk is an error up
 front, not a SIGBUS in the middle.
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from usp import DiskFullError
-from usp.latent.vae import LatentSpace
+from usp.latent.vae import LatentSpace, norm_fingerprint, scale_and_shift
 
 HEADER_BYTES = 4096
 FORMAT_VERSION = 1
@@ -118,18 +119,22 @@ def build_cache(dataset: Dataset, latent: LatentSpace, image_size: int, folder: 
     classes = getattr(dataset, "classes", None)
     header = dict(version=FORMAT_VERSION, latent_space=latent.name, image_size=image_size, latent_size=latent_size,
                   channels=latent.channels, count=len(dataset), done=0, vae_sha256=vae_fingerprint(latent),
+                  norm_sha256=latent.norm_fingerprint,
                   num_classes=len(classes) if classes is not None else None, **(source or {}))
     size = HEADER_BYTES + len(dataset) * (2 * 2 * latent.channels * latent_size**2 * 4 + 8)
     fresh = not path.exists()
     if not fresh:
         old = read_header(path)
         check_header(old, latent.name, image_size, path)
-        made_by = {k: old.get(k) for k in ("count", "vae_sha256", *(source or {}))}
+        # Caches written before the normalisation was recorded are not refused for lacking it.
+        recorded = ("count", "vae_sha256", *(("norm_sha256",) if "norm_sha256" in old else ()), *(source or {}))
+        made_by = {k: old.get(k) for k in recorded}
         wanted = {k: header[k] for k in made_by}
         if made_by != wanted:
             differ = ", ".join(f"{k}: {made_by[k]} in the file vs {wanted[k]} now" for k in made_by
                                if made_by[k] != wanted[k])
-            raise ValueError(f"{path} was made from other data or another VAE ({differ}); delete it to rebuild")
+            raise ValueError(f"{path} was made from other data, another VAE or other latent statistics ({differ}); "
+                             "delete it to rebuild")
         header = old
         if header["done"] == header["count"]:
             return path
@@ -215,6 +220,10 @@ def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
     import logging
 
     lc, fingerprint, datasets = config.latent, None, []
+    try:  # the statistics are small files (or constants): no VAE needs loading for them
+        norm = norm_fingerprint(*scale_and_shift(lc.space, lc.path))
+    except (OSError, ValueError):
+        norm = ""  # the task reading the cache needs them and names the missing file itself
     for split in splits:
         dataset = LatentCacheDataset(lc.cache, split, lc.space, config.data.image_size, config.data.limit)
         datasets.append(dataset)
@@ -231,7 +240,8 @@ def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
                                                  f"it ({' '.join(str(err).split())[:200]}); its VAE is unchecked")
                 fingerprint = ""
 
-        wanted = {**cache_source(config, split), **({"vae_sha256": fingerprint} if fingerprint else {})}
+        wanted = {**cache_source(config, split), **({"vae_sha256": fingerprint} if fingerprint else {}),
+                  **({"norm_sha256": norm} if norm else {})}
         limit = wanted.pop("limit")
         # Only what the header records: `build_cache` called without `source` (the demo) records the VAE alone.
         differ = [f"{k} {header[k]!r} (cache) vs {wanted[k]!r} (recipe)" for k in wanted if k in header and
@@ -239,7 +249,9 @@ def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
         if "limit" in header and (limit is None and header["limit"] is not None or (limit or 0) > header["count"]):
             differ.append(f"{header['count']} images (cache) vs {limit or 'all'} (recipe data.limit)")
         if differ:
-            what = "the VAE weights differ" if any(d.startswith("vae_sha256") for d in differ) else "the data differ"
+            what = ("the VAE weights differ" if any(d.startswith("vae_sha256") for d in differ) else
+                    "the latent statistics differ" if any(d.startswith("norm_sha256") for d in differ) else
+                    "the data differ")
             raise ValueError(f"latent cache {path} was not made from this recipe ({what}): {'; '.join(differ)}; "
                              "rebuild it with `usp cache-latents` and this recipe, or point latent.cache at a "
                              "matching one")

@@ -1,13 +1,17 @@
-"""Latent spaces: a frozen VAE, its channels, downsampling factor and scale, behind one interface.
+"""Latent spaces: a frozen VAE, its channels, downsampling factor and normalisation, behind one interface.
 
-A latent space is chosen by name (`LATENT_SPACES`); models only see *scaled* latents
-`z = scale · (x − shift)` where x is the posterior mean or a posterior sample. The raw posterior
-moments (mean, log-variance) are what the latent cache stores.
+A latent space is chosen by name (`LATENT_SPACES`); models only see *normalised* latents
+`z = scale · (x − shift)` where x is the posterior mean or a posterior sample, and scale/shift are each one
+number or one per channel (VA-VAE: shift = mean_c, scale = multiplier / std_c, which is LightningDiT's
+`(x − mean) / std × multiplier`). `normalise` / `denormalise` are the one place that applies them (encode,
+decode, and latents read from the cache). The raw posterior moments (mean, log-variance) are what the
+latent cache stores.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,39 +20,49 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from usp.latent.ldm import KL16_LAYOUT, VAVAE_F16D32_LAYOUT, LdmLayout, load_ldm_checkpoint
+
+# One number for every channel, or one per channel.
+Stat = float | tuple[float, ...]
+# Where a space's normalisation comes from:
+#   constant       scale/shift of the table (SD-VAE, KL-16);
+#   usp_stats      latent_stats.json in the VAE folder (small VAEs `usp train-vae` writes);
+#   channel_stats  a per-channel mean/std file beside the checkpoint (LightningDiT's latents_stats.pt:
+#                  {"mean": (1, C, 1, 1), "std": (1, C, 1, 1)}), times the table's scale (the multiplier);
+#   vae_config     the diffusers config.json of the VAE: latents_mean/latents_std per channel when it has
+#                  them (with scaling_factor), else scaling_factor and shift_factor.
+NormSource = Literal["constant", "usp_stats", "channel_stats", "vae_config"]
+
 
 @dataclass(frozen=True)
 class LatentSpec:
     channels: int
     factor: int  # spatial downsampling
-    scale: float | None  # None: read from the VAE folder's latent_stats.json (small VAEs usp trains)
+    scale: float | None  # constant: z = scale·(x − shift); channel_stats: the multiplier; else None (read)
     shift: float = 0.0
     default_path: str | None = None  # hub id or local path
-    kind: str = "diffusers"  # diffusers: AutoencoderKL folder/hub id; ldm: a single LDM-layout checkpoint
+    kind: Literal["diffusers", "ldm"] = "diffusers"  # ldm: one LDM-layout checkpoint file of `layout`
+    norm: NormSource = "constant"
+    layout: LdmLayout | None = None
+    stats_file: str | None = None  # channel_stats: the file's name beside the checkpoint
 
 
 # The one table of latent constants. SD-VAE scale from Rombach et al. (LDM); KL-16 scale as USP/MAR use it.
+# VA-VAE: per-channel statistics as LightningDiT publishes them beside its checkpoint, multiplier 1.0
+# (LightningDiT configs/lightningdit_xl_vavae_f16d32.yaml, data.latent_multiplier). E2E-VAE (REPA-E's
+# end-to-end tuned SD-VAE, an f8d4 diffusers AutoencoderKL): its constants are read from its own config.json
+# (no value of it is written here: none could be checked offline).
 LATENT_SPACES: dict[str, LatentSpec] = {
     "sd-vae-ft-ema": LatentSpec(4, 8, 0.18215, default_path="stabilityai/sd-vae-ft-ema"),
     "sd-vae-ft-mse": LatentSpec(4, 8, 0.18215, default_path="stabilityai/sd-vae-ft-mse"),
-    "kl16": LatentSpec(16, 16, 0.2325, kind="ldm"),
-    "small-f4": LatentSpec(8, 4, None),  # `usp train-vae` output, for 32×32 data such as Fashion-MNIST
+    "kl16": LatentSpec(16, 16, 0.2325, kind="ldm", layout=KL16_LAYOUT),
+    "va-vae-f16d32": LatentSpec(32, 16, 1.0, kind="ldm", layout=VAVAE_F16D32_LAYOUT, norm="channel_stats",
+                                stats_file="latents_stats.pt"),
+    "e2e-vae": LatentSpec(4, 8, None, default_path="REPA-E/e2e-sdvae-hf", norm="vae_config"),
+    "small-f4": LatentSpec(8, 4, None, norm="usp_stats"),  # `usp train-vae` output, for 32×32 data (Fashion-MNIST)
 }
 
 STATS_FILE = "latent_stats.json"
-
-# The KL-16 autoencoder (LDM kl-f16 layout with 16 latent channels, as MAR and USP use it).
-KL16_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 5,
-    up_block_types=["UpDecoderBlock2D"] * 5,
-    block_out_channels=[128, 128, 256, 256, 512],
-    layers_per_block=2,
-    latent_channels=16,
-    norm_num_groups=32,
-    sample_size=256,
-)
 
 # An f4 AutoencoderKL layout: what a `small-f4` folder may also hold instead of usp's SmallVAE
 # (tests build tiny ones from it to exercise the diffusers loading path).
@@ -71,30 +85,83 @@ def spec_of(name: str) -> LatentSpec:
     return LATENT_SPACES[name]
 
 
-def _load_ldm_checkpoint(path: Path, config: dict) -> nn.Module:
+def _per_channel(value: Stat, like: torch.Tensor) -> torch.Tensor | float:
+    """A scalar as is; a per-channel tuple as a (C, 1, 1) tensor that broadcasts over (C, h, w) and (N, C, h, w)."""
+    if isinstance(value, tuple):
+        if like.ndim < 3 or like.shape[-3] != len(value):
+            raise ValueError(f"latents of shape {tuple(like.shape)} do not have the {len(value)} channels "
+                             "this normalisation holds one value each for")
+        return torch.tensor(value, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+    return value
+
+
+def normalise(x: torch.Tensor, scale: Stat, shift: Stat) -> torch.Tensor:
+    """Raw VAE latents x (…, C, h, w) -> model latents z = scale · (x − shift), per channel where given."""
+    return (x - _per_channel(shift, x)) * _per_channel(scale, x)
+
+
+def denormalise(z: torch.Tensor, scale: Stat, shift: Stat) -> torch.Tensor:
+    """Model latents z (…, C, h, w) -> raw VAE latents x = z / scale + shift: the inverse of `normalise`."""
+    return z / _per_channel(scale, z) + _per_channel(shift, z)
+
+
+def norm_fingerprint(scale: Stat, shift: Stat) -> str:
+    """A short hash of a normalisation; latent caches record it (other statistics make another latent space)."""
+    return hashlib.sha256(json.dumps([scale, shift]).encode()).hexdigest()[:16]
+
+
+def _channel_stats(name: str, spec: LatentSpec, path: str | None) -> tuple[Stat, Stat]:
+    """LightningDiT's `(x − mean_c) / std_c × multiplier` as scale_c = multiplier / std_c, shift_c = mean_c."""
+    if path is None:
+        raise ValueError(f"latent space {name!r} reads its per-channel statistics beside its checkpoint: set "
+                         f"latent.path to the checkpoint file and put {spec.stats_file} in the same folder")
+    stats_path = Path(path).parent / spec.stats_file
+    if not stats_path.is_file():
+        raise FileNotFoundError(f"{stats_path} not found: latent space {name!r} needs the per-channel latent "
+                                f"statistics published with its checkpoint ({spec.stats_file}, a dict of 'mean' "
+                                "and 'std' tensors); put that file beside the checkpoint")
+    stats = torch.load(stats_path, map_location="cpu", weights_only=True)
+    if not isinstance(stats, dict) or not {"mean", "std"} <= set(stats):
+        raise ValueError(f"{stats_path} must hold a dict with 'mean' and 'std' tensors (LightningDiT's layout)")
+    mean, std = (torch.as_tensor(stats[k], dtype=torch.float64).flatten() for k in ("mean", "std"))
+    if mean.numel() != spec.channels or std.numel() != spec.channels:
+        raise ValueError(f"{stats_path} has {mean.numel()} means and {std.numel()} stds but latent space {name!r} "
+                         f"has {spec.channels} channels; use the statistics file of this VAE")
+    if not bool((std > 0).all()):
+        raise ValueError(f"{stats_path} has a std that is not positive; it cannot normalise latents")
+    return tuple((spec.scale / std).tolist()), tuple(mean.tolist())
+
+
+def _config_norm(name: str, path: str) -> tuple[Stat, Stat]:
+    """The normalisation a diffusers AutoencoderKL's config.json declares, as diffusers pipelines apply it."""
     from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        config = AutoencoderKL.load_config(path)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read the config.json of the VAE {path!r} of latent space {name!r} "
+                                f"({str(err).splitlines()[0]}); without network: run `usp fetch RECIPE --cache DIR` "
+                                "on a connected machine, or set latent.path to a local diffusers folder") from err
+    if config.get("scaling_factor") is None:
+        raise ValueError(f"the config.json of the VAE {path!r} has no scaling_factor, which latent space {name!r} "
+                         "reads its normalisation from")
+    factor = float(config["scaling_factor"])
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is not None and std is not None:  # SDXL-style: (x − mean_c) · scaling_factor / std_c
+        return tuple(factor / float(s) for s in std), tuple(float(m) for m in mean)
+    return factor, float(config.get("shift_factor") or 0.0)
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-    vae = AutoencoderKL(**config)
-    converted = convert_ldm_vae_checkpoint(state, vae.config)
-    vae.load_state_dict(converted, strict=True)
-    return vae
 
-
-def scale_and_shift(name: str, path: str | None = None) -> tuple[float, float]:
-    """The latent constants of a space without loading its VAE (enough to read a latent cache)."""
+def scale_and_shift(name: str, path: str | None = None) -> tuple[Stat, Stat]:
+    """The normalisation of a space without loading its VAE (enough to read a latent cache): (scale, shift),
+    each one number or one per channel."""
     spec = spec_of(name)
-    if spec.scale is not None:
+    if spec.norm == "constant":
         return spec.scale, spec.shift
+    if spec.norm == "channel_stats":
+        return _channel_stats(name, spec, path)
+    if spec.norm == "vae_config":
+        return _config_norm(name, path or spec.default_path)
     if path is None:
         raise ValueError(f"latent space {name!r} keeps its scale beside its VAE: set latent.path to the VAE folder")
     stats_path = Path(path) / STATS_FILE
@@ -104,13 +171,13 @@ def scale_and_shift(name: str, path: str | None = None) -> tuple[float, float]:
     return float(stats["scale"]), float(stats["shift"])
 
 
-def moments_to_latents(moments: torch.Tensor, scale: float, shift: float,
+def moments_to_latents(moments: torch.Tensor, scale: Stat, shift: Stat,
                        eps: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, 2C, h, w) raw [mean | logvar] -> scaled latents (N, C, h, w): the mean, or mean + std·eps."""
+    """(N, 2C, h, w) raw [mean | logvar] -> normalised latents (N, C, h, w): the mean, or mean + std·eps."""
     mean, logvar = moments.float().chunk(2, dim=1)
     if eps is not None:
         mean = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps  # the clamp diffusers applies
-    return (mean - shift) * scale
+    return normalise(mean, scale, shift)
 
 
 VaePrecision = Literal["fp32", "bf16", "fp16"]
@@ -127,7 +194,7 @@ class LatentSpace(nn.Module):
     oneDNN kernels); it changes no value beyond float rounding.
     """
 
-    def __init__(self, name: str, vae: nn.Module, scale: float, shift: float = 0.0, *,
+    def __init__(self, name: str, vae: nn.Module, scale: Stat, shift: Stat = 0.0, *,
                  precision: VaePrecision | None = None, channels_last: bool = False):
         super().__init__()
         self.name, self.vae, self.scale, self.shift = name, vae.eval().requires_grad_(False), scale, shift
@@ -172,13 +239,14 @@ class LatentSpace(nn.Module):
         local = Path(path)
         if spec.kind == "ldm":
             if not local.is_file():
-                raise FileNotFoundError(f"KL-16 checkpoint {local} not found; set latent.path to the .ckpt file")
-            vae = _load_ldm_checkpoint(local, KL16_CONFIG)
+                raise FileNotFoundError(f"{name} checkpoint {local} not found; set latent.path to its checkpoint "
+                                        "file (.ckpt, .pt or .safetensors)")
+            vae = load_ldm_checkpoint(local, spec.layout)
         else:
-            if not local.exists() and (path.startswith(("/", ".", "~")) or spec.scale is None):
+            if not local.exists() and (path.startswith(("/", ".", "~")) or spec.norm == "usp_stats"):
                 raise FileNotFoundError(
                     f"VAE folder {path} for latent space {name!r} not found"
-                    + ("; train one with `usp train-vae`" if spec.scale is None else "")
+                    + ("; train one with `usp train-vae`" if spec.norm == "usp_stats" else "")
                 )
             from usp.latent.small_vae import SmallVAE, is_small_vae_folder
 
@@ -217,9 +285,14 @@ class LatentSpace(nn.Module):
         or a posterior sample when standard-normal `eps` (N, C, H/f, W/f) is given."""
         return moments_to_latents(self.moments(images), self.scale, self.shift, eps)
 
+    @property
+    def norm_fingerprint(self) -> str:
+        """The hash of this space's normalisation (see `norm_fingerprint`)."""
+        return norm_fingerprint(self.scale, self.shift)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """scaled latents (N, C, h, w) -> images (N, 3, h·f, w·f) in [-1, 1] (not clamped)."""
-        latents, autocast = self._fast(latents / self.scale + self.shift)
+        latents, autocast = self._fast(denormalise(latents, self.scale, self.shift))
         with autocast:
             return self.vae.decode(latents).sample.float().contiguous()
