@@ -56,13 +56,14 @@ class Budget:
 BUDGETS: dict[str, Budget] = {
     # The embedded default: 15 minutes on 2 CPU cores including set-up (~1.5 min) and imports. Idle-machine costs
     # behind it (docs/demo/README.md): VAE ~0.2 s/step, cache ~0.4 ms/image, domain classifier ~8 s/epoch,
-    # pretraining ~0.21 s/step (batch 256), SiT ~0.11 s/step (batch 128) + ~20 s per 1 000-sample evaluation.
+    # pretraining ~0.21 s/step (batch 256), SiT ~0.11 s/step (batch 128) + ~20 s per 1 000 evaluation samples.
     # Spent where the method shows: 1 200 constant-lr pretraining steps (15 epochs of 20 000 images: the probe gap
     # and the SiT gain grow with it, 600 steps left seed 1 inside the band), 400 SiT steps (samples recognisable) in
     # four runs (USP; scratch; scratch with only the init seed changed, the paired band; scratch at a second seed,
-    # the unpaired spread), one 1 000-sample evaluation each (FD sampling error ~2). DiT is in --full.
+    # the unpaired spread), one 2 000-sample evaluation each (FD bootstrap error ~1.2; at 1 000 samples it was ~2.1,
+    # and twice the combined error, 6, was the band that decided seed 1). DiT is in --full.
     "default": Budget(images=20000, test_images=None, vae_steps=150, domain_epochs=2, pretrain_steps=1200,
-                      finetune_steps=400, eval_every=400, eval_samples=1000, probe_train=10000,
+                      finetune_steps=400, eval_every=400, eval_samples=2000, probe_train=10000,
                       families=("sit",), usp_seeds=1, init_control=True),
     # The reproduction (`--full`): the issue-15 protocol, about 70 minutes on 2 CPU cores: 2 000 pretraining
     # steps (17 epochs of 30 000 images), DiT and SiT from USP and from scratch at two seeds, 1 000 steps each,
