@@ -246,3 +246,26 @@ def test_repa_recipe_errors_name_the_fix(repa_recipe):
         build_task(load_config(None, [*overrides, "run.name=e2", "repa.teacher_weights=null"]))
     with pytest.raises(ValueError, match="repa.features=online needs images"):
         build_task(load_config(None, [*overrides, "run.name=e3", "repa.features=online"]))
+
+
+def test_tokens_made_by_another_teacher_are_refused(repa_recipe, tmp_path):
+    overrides, _, _ = repa_recipe
+    other = tmp_path / "other" / "teacher.safetensors"  # same file name, so the same token folder is looked up
+    other.parent.mkdir()
+    torch.manual_seed(4)
+    save_teacher(build_teacher_encoder("vit_tiny_patch16_224", **TINY_TEACHER), other, TINY_TEACHER)
+    with pytest.raises(ValueError, match="were not made by this teacher / cache: teacher_sha256"):
+        build_task(load_config(None, [*overrides, "run.name=other", f"repa.teacher_weights={other}"]))
+
+
+def test_a_teacher_file_loads_at_another_resolution_with_its_position_table_resampled(tmp_path):
+    import timm
+
+    encoder = build_teacher_encoder("vit_tiny_patch16_224", **TINY_TEACHER)
+    save_teacher(encoder, tmp_path / "t.safetensors", TINY_TEACHER)
+    teacher = load_teacher("vit_tiny_patch16_224", str(tmp_path / "t.safetensors"), img_size=16)
+    assert teacher.image_size == 16 and teacher.grid == 4
+    table = encoder.pos_embed  # (1, 2 + 64, D): cls + register, then the 8x8 grid
+    expected = timm.layers.resample_abs_pos_embed(table, [4, 4], num_prefix_tokens=2)
+    assert torch.allclose(teacher.encoder.pos_embed, expected)
+    assert teacher.tokens(torch.zeros(1, 3, 16, 16)).shape == (1, 16, 16)
