@@ -201,6 +201,21 @@ class TrainConfig:
 
 
 @dataclass
+class RepaConfig:
+    """REPA (Yu et al., ICLR 2025) on the generation task: align block `depth`'s tokens with a frozen encoder's."""
+
+    enabled: bool = False
+    teacher: str = "vit_base_patch14_dinov2"  # a timm ViT name; REPA's default encoder is DINOv2 ViT-B/14
+    teacher_weights: str | None = None  # local .safetensors/.pt, or "timm" / "hf-hub:<id>" (timm downloads once)
+    teacher_size: int | None = None  # teacher input resolution; REPA: 224 for 256 px images; None: the model's own
+    depth: int = 8  # 1-based block whose output is aligned (REPA: 8 for SiT-L/XL, 4 for SiT-B)
+    coeff: float = 0.5  # λ of REPA eq. 9 (README `--proj-coeff=0.5`)
+    projector_dim: int = 2048  # REPA's projector hidden width
+    features: Literal["auto", "cache", "online"] = "auto"  # auto: cached beside latent.cache when set, else online
+    features_dir: str | None = None  # folder of the cached tokens; None: <latent.cache>/repa-<teacher>-<weights>
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
@@ -212,6 +227,7 @@ class Config:
     vae: VaeConfig = field(default_factory=VaeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
     def validate(self) -> Config:
         samplers = ("ddpm", "ddim") if self.generation.method == "ddpm" else ("ode", "sde")
@@ -251,6 +267,12 @@ class Config:
             raise ValueError(f"train.max_skipped_steps must be at least 1, got {self.train.max_skipped_steps}")
         if min(self.train.ckpt_every, self.train.log_every) < 1 or self.train.eval_every < 0:
             raise ValueError("train.ckpt_every and train.log_every must be at least 1, train.eval_every at least 0")
+        if self.repa.enabled and not (self.repa.depth >= 1 and self.repa.coeff > 0 and self.repa.projector_dim >= 1):
+            raise ValueError(f"repa.depth (>= 1), repa.coeff (> 0) and repa.projector_dim (>= 1) are out of range: "
+                             f"{self.repa.depth}, {self.repa.coeff}, {self.repa.projector_dim}")
+        if self.repa.enabled and self.repa.features == "cache" and not self.latent.cache:
+            raise ValueError("repa.features=cache needs latent.cache (the tokens live beside the latents); set "
+                             "repa.features=online to run the teacher on the training images")
         if self.train.keep_last < 1:
             raise ValueError("train.keep_last must be at least 1 (the last good checkpoint is never deleted)")
         return self
@@ -417,7 +439,8 @@ def find_recipe(name: str | Path) -> Path:
 
 # Recipe keys that hold paths: with run.root set they resolve against it (so a run works from any directory).
 PATH_KEYS = ("run.out_dir", "latent.path", "latent.cache", "data.root", "data.exclude", "model.init",
-             "generation.domain_classifier", "generation.domain_reference", "vae.out")
+             "generation.domain_classifier", "generation.domain_reference", "vae.out", "repa.teacher_weights",
+             "repa.features_dir")
 
 
 def resolve_paths(values: dict[str, Any], recipe: Path) -> dict[str, Any]:
@@ -439,6 +462,8 @@ def resolve_paths(values: dict[str, Any], recipe: Path) -> dict[str, Any]:
         if path.is_absolute():
             continue
         if key == "latent.path" and not (text.startswith(("./", "../")) or (root / path).exists()):
+            continue
+        if key == "repa.teacher_weights" and (text == "timm" or text.startswith("hf-hub:")):  # timm downloads these
             continue
         node[name] = str((root / path).resolve())
     return values

@@ -201,18 +201,27 @@ class DiT(nn.Module):
         """Channels `forward` returns: out_channels, or only the first in_channels when not output_sigma."""
         return self.out_channels if self.output_sigma else self.in_channels
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) latents, t: (N,) time (int or float), y: (N,) long labels -> (N, C_ret, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                return_hidden: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, C, H, W) latents, t: (N,) time (int or float), y: (N,) long labels -> (N, C_ret, H, W).
+
+        return_hidden=k: also return the tokens (N, L, D) after block k (1-based), as REPA aligns them."""
         if x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(f"this model was built for {self.input_size}x{self.input_size} latents, "
                              f"got {tuple(x.shape[-2:])}")
+        if return_hidden is not None and not 1 <= return_hidden <= self.depth:
+            raise ValueError(f"return_hidden={return_hidden} must name a block 1..{self.depth}")
         x = self.x_embedder(x) + self.pos_embed  # (N, L, D), L = (H/p)·(W/p)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
-        for block in self.blocks:
+        hidden = None
+        for i, block in enumerate(self.blocks):
             x = block(x, c)  # (N, L, D)
+            if i + 1 == return_hidden:
+                hidden = x
         x = self.final_layer(x, c)  # (N, L, p*p*C_out)
         x = unpatchify_tokens(x, self.patch_size, self.out_channels)  # (N, C_out, H, W)
-        return x[:, : self.num_output_channels]  # (N, C_ret, H, W)
+        out = x[:, : self.num_output_channels]  # (N, C_ret, H, W)
+        return out if return_hidden is None else (out, hidden)
 
     def forward_with_cfg(
         self,

@@ -62,6 +62,11 @@ class HasParamGroups(Protocol):
 
 
 @runtime_checkable
+class ExportsWeights(Protocol):
+    def export_weights(self, model: nn.Module) -> dict[str, torch.Tensor]: ...  # what the weights file holds
+
+
+@runtime_checkable
 class Evaluates(Protocol):
     def evaluate(self, model: nn.Module, step: int, run_dir: Path, runtime: Runtime, final: bool) -> dict: ...
 
@@ -244,7 +249,9 @@ class Loop:
         config = self.config
         meta = {"task": config.run.task, "model": config.model.name, "step": step, "ema": state.ema is not None,
                 "config": config.to_dict()}
-        ckpt.save_weights(self.ckpt_dir, step, (state.ema or state.model).state_dict(), meta)
+        exported = state.ema or state.model  # a task may leave training-only heads out of the weights file
+        weights = self.task.export_weights(exported) if isinstance(self.task, ExportsWeights) else exported.state_dict()
+        ckpt.save_weights(self.ckpt_dir, step, weights, meta)
         ckpt.save_state(self.ckpt_dir, step, state.state_dict())
         ckpt.prune(self.ckpt_dir, self.cfg.keep_last)
 

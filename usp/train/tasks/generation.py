@@ -52,6 +52,60 @@ class GenerationTask:
             self.transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps)
         self._decoder: LatentSpace | None = self.data.vae
         self._domain = None
+        self.teacher = None
+        if config.repa.enabled:
+            self._setup_repa(config)
+
+    def _setup_repa(self, config: Config) -> None:
+        """REPA: the frozen teacher, the projector on the generator (after the USP transfer, which it is no part
+        of), and the teacher tokens: cached beside the latents, or computed from the training images."""
+        from usp.latent.features import RepaFeatureDataset, features_dir
+        from usp.models.repa import attach_projectors, load_teacher
+
+        rc = config.repa
+        if rc.depth > self.model.depth:
+            raise ValueError(f"repa.depth={rc.depth} but {config.model.name} has {self.model.depth} blocks; "
+                             f"choose 1..{self.model.depth}")
+        self.teacher = load_teacher(rc.teacher, rc.teacher_weights, rc.teacher_size)
+        self.repa_grid = self.model.grid_size
+        if self.teacher.grid != self.repa_grid and os.environ.get("RANK", "0") == "0":
+            print(f"repa: teacher {rc.teacher} gives a {self.teacher.grid}x{self.teacher.grid} token grid; its tokens "
+                  f"are interpolated to the generator's {self.repa_grid}x{self.repa_grid}", flush=True)
+        attach_projectors(self.model, [self.teacher.dim], rc.projector_dim)
+        self.repa_cached = rc.features == "cache" or (rc.features == "auto" and self.data.cached)
+        if self.repa_cached:
+            if not self.data.cached:
+                raise ValueError("repa.features=cache needs latent.cache; set repa.features=online")
+            folder = Path(rc.features_dir) if rc.features_dir else features_dir(config.latent.cache, rc.teacher,
+                                                                                 rc.teacher_weights)
+            self.train_set = RepaFeatureDataset(self.data.dataset, folder, config.data.split, self.teacher,
+                                                self.repa_grid)
+        elif self.data.cached:
+            raise ValueError("repa.features=online needs images at train time, but latent.cache is set: use "
+                             "repa.features=cache (tokens built beside the latents) or unset latent.cache")
+        elif config.data.normalize != "half":
+            raise ValueError("repa.features=online expects images in [-1, 1] (data.normalize=half); the teacher "
+                             "applies its own normalisation")
+
+    def export_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The sampling weights: the generator alone (REPA's projector is a training-time head)."""
+        from usp.models.repa import strip_projectors
+
+        return strip_projectors(model.state_dict())
+
+    def _repa_targets(self, batch: dict) -> torch.Tensor:
+        """(N, T, D) teacher tokens of the batch's images, flipped where its latents are."""
+        from usp.models.repa import match_grid
+
+        if self.repa_cached:
+            tokens = batch["repa"]  # (N, 2, T, D): [plain, flipped] as the latent cache
+            pick = batch["flip"].long().view(-1, 1, 1, 1).expand(-1, 1, *tokens.shape[2:])
+            return tokens.gather(1, pick).squeeze(1)  # (N, T, D)
+        images = batch["image"]
+        self.teacher.to(images.device)
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16,
+                                             enabled=images.device.type == "cuda"):
+            return match_grid(self.teacher.tokens(images), self.repa_grid).float()  # (N, T, D)
 
     def extras(self) -> dict:
         out = self.data.extras()
@@ -65,10 +119,28 @@ class GenerationTask:
 
     def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         x, labels = self.data.latents(batch), batch["label"]
-        model_fn = lambda x_t, t: model(x_t, t, labels)  # noqa: E731
         objective = self.diffusion if self.config.generation.method == "ddpm" else self.transport
-        losses = objective.training_losses(model_fn, x, t=batch["t"], noise=batch["noise"])
-        return {key: value.mean() for key, value in losses.items()}
+        if self.teacher is None:
+            model_fn = lambda x_t, t: model(x_t, t, labels)  # noqa: E731
+            losses = objective.training_losses(model_fn, x, t=batch["t"], noise=batch["noise"])
+            return {key: value.mean() for key, value in losses.items()}
+        from usp.models.repa import projection_loss
+
+        hidden: list[torch.Tensor] = []
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out, h = model(x_t, t, labels, return_hidden=self.config.repa.depth)
+            hidden.append(h)  # (N, T, D) after block repa.depth, on the noisy input (REPA eq. 8)
+            return out
+
+        losses = {key: value.mean() for key, value in objective.training_losses(
+            model_fn, x, t=batch["t"], noise=batch["noise"]).items()}
+        targets = self._repa_targets(batch)  # (N, T, D_teacher)
+        projected = [projector(hidden[-1]) for projector in self.model.projectors]  # each (N, T, D_teacher)
+        repa = projection_loss(projected, [targets] * len(projected))
+        # REPA eq. 9: the generation loss + λ·L_REPA; both are logged on their own.
+        return {**losses, "loss": losses["loss"] + self.config.repa.coeff * repa, "base_loss": losses["loss"],
+                "repa_loss": repa}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self._decoder is None:

@@ -1,0 +1,116 @@
+"""REPA's teacher tokens, computed once beside the latent cache: for every cached image and its flip.
+
+A run that trains on cached latents has no images at train time, so the frozen teacher's patch tokens
+(usp.models.repa) are extracted once from the same images, in the same order, plain and horizontally flipped
+exactly as the latent cache stores them: an item's flip coin picks the flipped latent *and* the flipped image's
+tokens. Tokens are stored already matched to the generator's token grid, as float16 (a cosine target).
+
+Files, in `<latent cache>/repa-<teacher tag>/`: `<split>.npy` (N, 2, T, D) float16 and `<split>.json`, written
+last, naming what made them: the teacher (timm name, sha256 of its weights, input size), the grid, and the
+latent cache's count and VAE fingerprint. A run whose recipe differs in any of them is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from usp.latent.cache import LatentCacheDataset, _arrays
+
+log = logging.getLogger("usp")
+
+
+def teacher_fingerprint(teacher: torch.nn.Module) -> str:
+    """sha256 of the teacher's weights (names, shapes, bytes)."""
+    h = hashlib.sha256()
+    for key, value in sorted(teacher.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def features_dir(cache_folder: str | Path, teacher_name: str, weights: str | None) -> Path:
+    stem = Path(weights).stem if weights and weights != "timm" and not weights.startswith("hf-hub:") else "pretrained"
+    return Path(cache_folder) / ("repa-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{teacher_name}-{stem}"))
+
+
+def _made_by(teacher, latents: LatentCacheDataset, grid: int) -> dict:
+    return {"teacher": teacher.name, "teacher_sha256": teacher_fingerprint(teacher), "teacher_size":
+            teacher.image_size, "grid": grid, "count": len(latents), "vae_sha256": latents.header.get("vae_sha256")}
+
+
+def build_features(teacher, images: Dataset, latents: LatentCacheDataset, folder: Path, split: str, grid: int,
+                   batch_size: int = 250, device: str | torch.device = "cpu") -> Path:
+    """Tokens (N, 2, grid², D) of `images` (items {"image": (3, H, W) in [-1, 1], "label"}, unaugmented, the
+    order of the latent cache: their labels are checked against the cache's) and of their flips."""
+    from usp.models.repa import match_grid
+
+    if len(images) != len(latents):
+        raise ValueError(f"{len(images)} images for a latent cache of {len(latents)}; build the teacher tokens from "
+                         "the images (and data.limit) the cache was made from")
+    folder.mkdir(parents=True, exist_ok=True)
+    header = _made_by(teacher, latents, grid)
+    if teacher.grid != grid:
+        log.info(f"repa: the teacher's {teacher.grid}x{teacher.grid} token grid is interpolated to the generator's "
+                 f"{grid}x{grid} ({'area' if teacher.grid % grid == 0 else 'bilinear'})")
+    array = np.lib.format.open_memmap(folder / f"{split}.npy", mode="w+", dtype=np.float16,
+                                      shape=(len(images), 2, grid * grid, teacher.dim))
+    cache_labels = np.asarray(_arrays(latents.path, latents.header, "r")[1][: len(latents)])
+    teacher.to(device)
+    start = 0
+    for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
+        labels = batch["label"].numpy()
+        if not np.array_equal(labels, cache_labels[start : start + len(labels)]):
+            raise ValueError(f"the images' labels differ from the latent cache's at items {start}.."
+                             f"{start + len(labels)}: these are not the images the cache was made from "
+                             "(check data.root / data.limit)")
+        x = batch["image"].to(device)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            both = teacher.tokens(torch.cat([x, x.flip(-1)]))  # (2B, T, D), the flip as build_cache makes it
+        both = match_grid(both.float(), grid)  # (2B, grid², D)
+        n = x.shape[0]
+        array[start : start + n] = torch.stack([both[:n], both[n:]], dim=1).cpu().numpy().astype(np.float16)
+        start += n
+    array.flush()
+    (folder / f"{split}.json").write_text(json.dumps(header, indent=1) + "\n")  # last: the file is complete
+    return folder / f"{split}.npy"
+
+
+class RepaFeatureDataset(Dataset):
+    """The latent cache's items with their teacher tokens: {"moments", "label", "repa": (2, T, D) float32}."""
+
+    def __init__(self, latents: LatentCacheDataset, folder: Path, split: str, teacher, grid: int):
+        meta = folder / f"{split}.json"
+        if not meta.is_file():
+            raise FileNotFoundError(f"no REPA teacher tokens at {meta}; build them once with "
+                                    "`usp.latent.features.build_features` (scripts/repa_fmnist.py does)")
+        made_by, wanted = json.loads(meta.read_text()), _made_by(teacher, latents, grid)
+        if made_by["count"] < wanted["count"]:
+            raise ValueError(f"{meta} holds {made_by['count']} items, the latent cache {wanted['count']}")
+        made_by["count"] = wanted["count"]  # a data.limit below the cache's count reads a prefix
+        differ = [f"{k}: {made_by.get(k)!r} (tokens) vs {v!r} (recipe)" for k, v in wanted.items()
+                  if made_by.get(k) != v]
+        if differ:
+            raise ValueError(f"REPA teacher tokens {meta} were not made by this teacher / cache: {'; '.join(differ)}; "
+                             "delete the folder to rebuild them")
+        self.latents, self.path, self._array = latents, folder / f"{split}.npy", None
+
+    @property
+    def classes(self) -> list[int]:
+        return self.latents.classes
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, index: int) -> dict:
+        if self._array is None:  # opened lazily: each DataLoader worker maps the file itself
+            self._array = np.load(self.path, mmap_mode="r")
+        return {**self.latents[index], "repa": torch.from_numpy(np.array(self._array[index], dtype=np.float32))}
