@@ -103,6 +103,8 @@ def test_verdict_reads_gaps_against_the_measured_band():
     assert v["loss"]["gain_mean"] == pytest.approx(0.2) and v["loss"]["chance_max"] == pytest.approx(0.01)
     # Scratch's final FD 60 is reached at step 200 (58); its final loss 0.6 at step 300 (0.8 * 0.7 = 0.56).
     assert v["fd_reached_at"] == 200 and v["loss_reached_at"] == 300
+    # 58 at step 200 is the first evaluation: nothing before it to interpolate from.
+    assert v["fd_crossing"] == 200.0
     assert "beats scratch beyond the noise band" in verdict_sentence("SiT", 0, v)
     # A gap smaller than the seed spread is inside the band, whichever way it points.
     inside = _log({s: 0.995 * (1.0 - s / 1000) for s in steps}, {200: (99.0, 2.0), 400: (55.0, 2.0)})
@@ -137,6 +139,16 @@ def test_the_init_only_control_sets_the_paired_band_and_the_unpaired_one_is_stil
     # Without the control the same logs are read against the unpaired band, as before.
     v = family_verdict(logs, "sit", [0], (0, 1))[0]
     assert v["final"]["band"] == pytest.approx(10.0) and not v["final"]["beyond"]
+
+
+def test_the_interpolated_crossing_lies_between_the_evaluations_that_bracket_the_target():
+    from usp.demo.verdict import crossing_step
+
+    records = [{"step": 250, "domain_fd": 90.0}, {"step": 500, "domain_fd": 70.0}, {"step": 750, "domain_fd": 63.3},
+               {"step": 1000, "domain_fd": 49.2}]
+    # 62.5 is crossed between 750 (63.3) and 1000 (49.2): 750 + 250 * 0.8 / 14.1 = 764.18...
+    assert crossing_step(records, 62.5) == pytest.approx(750 + 250 * 0.8 / 14.1)
+    assert steps_to_reach(records, 62.5) == 1000 and crossing_step(records, 10.0) is None
 
 
 def test_paired_loss_and_steps_to_reach_edge_cases():

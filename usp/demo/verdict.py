@@ -36,6 +36,22 @@ def steps_to_reach(records: list[dict], target: float, key: str = "domain_fd") -
     return None
 
 
+def crossing_step(records: list[dict], target: float, key: str = "domain_fd") -> float | None:
+    """The step where `key` first reaches `target`, linearly interpolated between the last evaluation above it and
+    the first at or below it (None if never): a finer reading than `steps_to_reach` when evaluations are sparse."""
+    previous = None
+    for record in records:
+        if not _finite(record.get(key)):
+            continue
+        if record[key] <= target:
+            if previous is None or previous[key] == record[key]:
+                return float(record["step"])
+            fraction = (previous[key] - target) / (previous[key] - record[key])
+            return previous["step"] + fraction * (record["step"] - previous["step"])
+        previous = record
+    return None
+
+
 def fd_band(scratch_a: list[dict], scratch_b: list[dict], usp: list[dict],
             control: list[dict] | None = None) -> list[dict]:
     """Per evaluation step common to the runs: FDs, the seed spread, the init-only spread (with a control run),
@@ -110,6 +126,7 @@ def family_verdict(logs: dict[str, Log], family: str, seeds: list[int], scratch_
         last = scratch[own][0][-1]["step"] if scratch[own][0] else None
         out[seed] = {"paired_with": own, "fd": band, "final": band[-1] if band else None, "loss": loss,
                      "fd_reached_at": steps_to_reach(usp_evals, final_fd),
+                     "fd_crossing": crossing_step(usp_evals, final_fd),
                      "loss_reached_at": steps_to_reach(usp_train, final_loss, "loss"),
                      "scratch_final_fd": final_fd, "scratch_final_loss": final_loss, "scratch_steps": last}
     return out
@@ -137,11 +154,11 @@ def verdict_sentence(family_label: str, seed: int, v: dict) -> str:
     if loss.get("rows"):
         loss_word = "beyond" if loss["beyond"] else "NOT beyond"
         direction = "lower" if loss["gain_mean"] >= 0 else "HIGHER"
-        against = "the init-only control" if loss.get("paired") else "scratch seeds"
+        against = "scratch and the init-only control" if loss.get("paired") else "scratch seeds"
         text += (f"; paired training loss {abs(100 * loss['gain_mean']):.1f}% {direction} than scratch on average "
                  f"over steps "
                  f"{loss['second_half'][0]}–{loss['second_half'][-1]} (range {100 * loss['gain_min']:+.1f} to "
-                 f"{100 * loss['gain_max']:+.1f}%), {loss_word} the chance gap between scratch and {against} (mean "
+                 f"{100 * loss['gain_max']:+.1f}%), {loss_word} the chance gap between {against} (mean "
                  f"{100 * loss['chance_mean']:.1f}%, max {100 * loss['chance_max']:.1f}%)")
         if loss.get("paired"):
             text += (f" and {'beyond' if loss['beyond_unpaired'] else 'NOT beyond'} the unpaired gap between scratch "
