@@ -1,0 +1,67 @@
+"""Typed recipes: YAML files loaded into dataclasses, with dotted `key=value` overrides.
+
+An unknown key or a value of the wrong type is a `ValueError` that names the key and what is
+allowed; invariants are checked once in `Config.validate`. Every run writes its resolved recipe.
+sections.py holds the dataclasses (one per YAML section) and the presets; loading.py the files, `base:`
+inheritance, overrides and path resolution. Layer 0: imports nothing else of usp.
+"""
+
+from usp.config.loading import (
+    PATH_KEYS,
+    apply_overrides,
+    config_from_dict,
+    find_recipe,
+    load_config,
+    parse_override,
+    read_recipe,
+    recipes_dir,
+    resolve_paths,
+    save_config,
+)
+from usp.config.sections import (
+    GENERATION_PRESETS,
+    TASKS,
+    ClassifyConfig,
+    Config,
+    DataConfig,
+    GenerationConfig,
+    LatentConfig,
+    ModelConfig,
+    OptimConfig,
+    PretrainConfig,
+    RepaConfig,
+    RunConfig,
+    Task,
+    TrainConfig,
+    VaeConfig,
+    apply_generation_preset,
+)
+
+__all__ = [
+    "parse_override",
+    "apply_overrides",
+    "config_from_dict",
+    "recipes_dir",
+    "find_recipe",
+    "PATH_KEYS",
+    "resolve_paths",
+    "read_recipe",
+    "load_config",
+    "save_config",
+    "Task",
+    "TASKS",
+    "RunConfig",
+    "LatentConfig",
+    "DataConfig",
+    "ModelConfig",
+    "PretrainConfig",
+    "GenerationConfig",
+    "GENERATION_PRESETS",
+    "apply_generation_preset",
+    "VaeConfig",
+    "OptimConfig",
+    "ClassifyConfig",
+    "TrainConfig",
+    "RepaConfig",
+    "Config",
+]
