@@ -380,3 +380,16 @@ def test_vavae_latents_cache_pretrain_and_sit_finetune(tiny_vavae, tmp_path):
     result = train(config, task, cpu, resume=None)
     assert all(np.isfinite(r["loss"]) for r in result["history"])
     assert (config.run_dir / "samples" / "step_0000002.png").is_file()  # decoded through the VA-VAE decoder
+
+
+def test_a_small_vae_folder_may_hold_per_channel_statistics(tmp_path):
+    """latent_stats.json of `small-f4` holds one scale/shift (what `usp train-vae` writes) or a list per channel."""
+    (tmp_path / "latent_stats.json").write_text(json.dumps({"scale": 0.5, "shift": 0.1}))
+    assert scale_and_shift("small-f4", str(tmp_path)) == (0.5, 0.1)
+    scale, shift = [1.0 / (c + 1) for c in range(8)], [0.1 * c for c in range(8)]
+    (tmp_path / "latent_stats.json").write_text(json.dumps({"scale": scale, "shift": shift}))
+    got = scale_and_shift("small-f4", str(tmp_path))
+    assert got == (tuple(scale), tuple(shift))
+    x = torch.ones(1, 8, 2, 2)
+    z = normalise(x, *got)  # channel c: (1 − 0.1c) / (c + 1)
+    assert torch.allclose(z[0, :, 0, 0], torch.tensor([(1 - 0.1 * c) / (c + 1) for c in range(8)]))

@@ -26,7 +26,8 @@ from usp.latent.ldm import KL16_LAYOUT, VAVAE_F16D32_LAYOUT, LdmLayout, load_ldm
 Stat = float | tuple[float, ...]
 # Where a space's normalisation comes from:
 #   constant       scale/shift of the table (SD-VAE, KL-16);
-#   usp_stats      latent_stats.json in the VAE folder (small VAEs `usp train-vae` writes);
+#   usp_stats      latent_stats.json in the VAE folder (small VAEs `usp train-vae` writes; one scale/shift, or
+#                  a list per channel);
 #   channel_stats  a per-channel mean/std file beside the checkpoint (LightningDiT's latents_stats.pt:
 #                  {"mean": (1, C, 1, 1), "std": (1, C, 1, 1)}), times the table's scale (the multiplier);
 #   vae_config     the diffusers config.json of the VAE: latents_mean/latents_std per channel when it has
@@ -168,7 +169,11 @@ def scale_and_shift(name: str, path: str | None = None) -> tuple[Stat, Stat]:
     if not stats_path.is_file():
         raise FileNotFoundError(f"{stats_path} missing: the small VAE folder must come from `usp train-vae`")
     stats = json.loads(stats_path.read_text())
-    return float(stats["scale"]), float(stats["shift"])
+
+    def stat(value) -> Stat:  # one number, or one per channel (a list)
+        return tuple(float(v) for v in value) if isinstance(value, list) else float(value)
+
+    return stat(stats["scale"]), stat(stats["shift"])
 
 
 def moments_to_latents(moments: torch.Tensor, scale: Stat, shift: Stat,
