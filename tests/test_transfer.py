@@ -264,8 +264,19 @@ def test_load_state_dict_file_reads_pt_and_safetensors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pt does not exist"):
         load_state_dict_file(tmp_path / "nothing.pt")
     torch.save({"model": src, "extra": _Opaque()}, tmp_path / "odd.pt")
-    with pytest.raises(ValueError, match="weights_only loading refuses"):
+    with pytest.raises(ValueError, match=r"holds a \S*_Opaque that weights_only loading refuses"):  # names it
         load_state_dict_file(tmp_path / "odd.pt")
+    # Files that are not what their suffix says: one error naming the file, not the reader's own exception.
+    (tmp_path / "garbage.safetensors").write_bytes(b"this is not a safetensors file")
+    with pytest.raises(ValueError, match="garbage.safetensors is not a readable safetensors file"):
+        load_state_dict_file(tmp_path / "garbage.safetensors")
+    (tmp_path / "garbage.pt").write_bytes(b"this is not a torch file")
+    with pytest.raises(ValueError, match="garbage.pt is not a readable torch checkpoint"):
+        load_state_dict_file(tmp_path / "garbage.pt")
+    whole = (tmp_path / "ckpt.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="truncated.pth is not a readable torch checkpoint"):
+        load_state_dict_file(tmp_path / "truncated.pth")
     (tmp_path / "w.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="suffix '.npz'"):
         load_state_dict_file(tmp_path / "w.npz")

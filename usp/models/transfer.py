@@ -140,16 +140,27 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = resolve_checkpoint(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return unwrap_state_dict(load_file(str(path), device="cpu"))
+        try:
+            return unwrap_state_dict(load_file(str(path), device="cpu"))
+        except SafetensorError as err:  # truncated, corrupt, or not a safetensors file at all
+            raise ValueError(f"{path} is not a readable safetensors file ({err}); point model.init at the "
+                             "weights file a run wrote (runs/<name>/checkpoints/weights_*.safetensors)") from err
     if path.suffix in CHECKPOINT_SUFFIXES:
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise ValueError(f"{path} holds objects that weights_only loading refuses (see above); re-save its "
-                             "state dict alone, e.g. as .safetensors") from err
+            # torch's message is a page of advice; the line that matters names the refused object.
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            what = f"a {refused.group(1)}" if refused else "objects"
+            raise ValueError(f"{path} holds {what} that weights_only loading refuses; re-save its state dict "
+                             "alone, e.g. as .safetensors") from err
+        except Exception as err:  # noqa: BLE001  not a torch file or truncated: the unpickler fails in many ways
+            raise ValueError(f"{path} is not a readable torch checkpoint ({err}); check the file, or re-download "
+                             "it") from err
         return unwrap_state_dict(checkpoint)
     raise ValueError(f"cannot read checkpoint {path}: suffix {path.suffix!r} is not one of {CHECKPOINT_SUFFIXES}")
 
