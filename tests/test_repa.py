@@ -269,3 +269,28 @@ def test_a_teacher_file_loads_at_another_resolution_with_its_position_table_resa
     expected = timm.layers.resample_abs_pos_embed(table, [4, 4], num_prefix_tokens=2)
     assert torch.allclose(teacher.encoder.pos_embed, expected)
     assert teacher.tokens(torch.zeros(1, 3, 16, 16)).shape == (1, 16, 16)
+
+
+def test_cache_latents_builds_the_teacher_tokens_a_repa_recipe_trains_on(repa_recipe, tmp_path, capsys):
+    """`usp cache-latents RECIPE` on a recipe with REPA on cached tokens writes the tokens beside the new latents
+    (the user's path; no script), equal to the fixture's own build, and skips them when run again."""
+    import numpy as np
+    import yaml
+
+    from usp.cli import main
+    from usp.config import apply_overrides
+
+    overrides, _, _ = repa_recipe
+    cache = tmp_path / "cli_cache"
+    values = apply_overrides({}, [*overrides, f"latent.cache={cache}", "run.name=cli"])
+    recipe = tmp_path / "repa.yaml"
+    recipe.write_text(yaml.safe_dump(values))
+    main(["cache-latents", str(recipe), "--splits", "train"])
+    assert "REPA teacher tokens ->" in capsys.readouterr().out
+    built = next(cache.glob("repa-*/train.npy"))
+    reference = next((tmp_path / "cache").glob("repa-*/train.npy"))  # the fixture's build_features, same images
+    assert np.array_equal(np.load(built), np.load(reference))
+    main(["cache-latents", str(recipe), "--splits", "train"])  # already there: not rebuilt
+    assert "REPA teacher tokens ->" not in capsys.readouterr().out
+    task = build_task(load_config(recipe))
+    assert task.train_set[0]["repa"].shape == (2, 16, task.teacher.dim)

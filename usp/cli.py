@@ -132,6 +132,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
 
     from usp.data.images import build_image_dataset, build_transform
     from usp.latent.cache import build_cache, cache_crop, cache_source
+    from usp.latent.features import build_recipe_features
     from usp.latent.vae import LatentSpace
 
     config = _recipe(args)
@@ -149,6 +150,9 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
         path = build_cache(dataset, latent, dc.image_size, folder, split, args.batch_size, dc.num_workers, device,
                            source=cache_source(config, split))
         print(f"{split}: {len(dataset)} images -> {path}")
+        tokens = build_recipe_features(config, dataset, split, folder, device)  # REPA's teacher tokens, if on
+        if tokens:
+            print(f"{split}: REPA teacher tokens -> {tokens}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

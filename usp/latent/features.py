@@ -84,14 +84,55 @@ def build_features(teacher, images: Dataset, latents: LatentCacheDataset, folder
     return folder / f"{split}.npy"
 
 
+def recipe_token_grid(config) -> int:
+    """The generator's token grid side for a recipe: image size / latent factor / patch size (what REPA aligns)."""
+    from usp.latent.vae import spec_of
+    from usp.models import model_entry
+
+    patch = model_entry(config.model.name, ("dit", "sit")).patch_size
+    return config.data.image_size // spec_of(config.latent.space).factor // patch
+
+
+def recipe_features_dir(config, cache_folder: str | Path | None = None) -> Path:
+    """Where a recipe's teacher tokens live: repa.features_dir, else beside its latent cache."""
+    rc = config.repa
+    if rc.features_dir:
+        return Path(rc.features_dir)
+    return features_dir(cache_folder or config.latent.cache, rc.teacher, rc.teacher_weights)
+
+
+def build_recipe_features(config, images: Dataset, split: str, cache_folder: str | Path,
+                          device: str | torch.device = "cpu") -> Path | None:
+    """`usp cache-latents` for a recipe with REPA on cached tokens: the teacher's tokens of `images` (the cache's
+    images, in its order, unaugmented) beside the latent cache. Skipped (None) when tokens made by this teacher
+    for this cache already exist."""
+    from usp.models.repa import load_teacher
+
+    rc = config.repa
+    if not rc.enabled or rc.features == "online":
+        return None
+    if config.data.normalize != "half":
+        raise ValueError("REPA teacher tokens are made from images in [-1, 1] (data.normalize=half); the teacher "
+                         "applies its own normalisation")
+    teacher = load_teacher(rc.teacher, rc.teacher_weights, rc.teacher_size)
+    grid, folder = recipe_token_grid(config), recipe_features_dir(config, cache_folder)
+    latents = LatentCacheDataset(cache_folder, split, config.latent.space, config.data.image_size, config.data.limit)
+    try:
+        RepaFeatureDataset(latents, folder, split, teacher, grid)
+        return None  # already built by this teacher for this cache
+    except (FileNotFoundError, ValueError):
+        pass
+    return build_features(teacher, images, latents, folder, split, grid, device=device)
+
+
 class RepaFeatureDataset(Dataset):
     """The latent cache's items with their teacher tokens: {"moments", "label", "repa": (2, T, D) float32}."""
 
     def __init__(self, latents: LatentCacheDataset, folder: Path, split: str, teacher, grid: int):
         meta = folder / f"{split}.json"
         if not meta.is_file():
-            raise FileNotFoundError(f"no REPA teacher tokens at {meta}; build them once with "
-                                    "`usp.latent.features.build_features` (scripts/repa_fmnist.py does)")
+            raise FileNotFoundError(f"no REPA teacher tokens at {meta}; build them once with `usp cache-latents "
+                                    "RECIPE` (it adds them beside the latents when repa.enabled)")
         made_by, wanted = json.loads(meta.read_text()), _made_by(teacher, latents, grid)
         if made_by["count"] < wanted["count"]:
             raise ValueError(f"{meta} holds {made_by['count']} items, the latent cache {wanted['count']}")

@@ -59,7 +59,7 @@ class GenerationTask:
     def _setup_repa(self, config: Config) -> None:
         """REPA: the frozen teacher, the projector on the generator (after the USP transfer, which it is no part
         of), and the teacher tokens: cached beside the latents, or computed from the training images."""
-        from usp.latent.features import RepaFeatureDataset, features_dir
+        from usp.latent.features import RepaFeatureDataset, recipe_features_dir
         from usp.models.repa import attach_projectors, load_teacher
 
         rc = config.repa
@@ -76,8 +76,7 @@ class GenerationTask:
         if self.repa_cached:
             if not self.data.cached:
                 raise ValueError("repa.features=cache needs latent.cache; set repa.features=online")
-            folder = Path(rc.features_dir) if rc.features_dir else features_dir(config.latent.cache, rc.teacher,
-                                                                                 rc.teacher_weights)
+            folder = recipe_features_dir(config)
             self.train_set = RepaFeatureDataset(self.data.dataset, folder, config.data.split, self.teacher,
                                                 self.repa_grid)
         elif self.data.cached:
