@@ -42,3 +42,22 @@ def fmnist_overrides(tiny_vae_dir, tmp_path) -> list[str]:
         "train.log_every=1", "train.ckpt_every=2", "train.tensorboard=false", "train.progress=false",
         "optim.warmup_epochs=0.5",
     ]
+
+
+def interrupt_at_loss_call(task, n: int) -> None:
+    """Make `task.loss` raise KeyboardInterrupt on its n-th call: a run killed inside a step, for resume tests."""
+    original, calls = task.loss, {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(model, batch)
+
+    task.loss = loss
+
+
+@pytest.fixture
+def interrupt_loss():
+    """`interrupt_loss(task, n)`: task.loss raises KeyboardInterrupt on its n-th call."""
+    return interrupt_at_loss_call

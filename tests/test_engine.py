@@ -44,21 +44,13 @@ def test_pretraining_writes_config_log_and_checkpoints(fmnist_overrides):
     assert all(torch.equal(weights[k], v) for k, v in result["model"].state_dict().items())
 
 
-def test_resume_is_bit_exact(fmnist_overrides):
+def test_resume_is_bit_exact(fmnist_overrides, interrupt_loss):
     config_a, _ = run([*fmnist_overrides, "run.name=straight", "train.max_steps=6"])
     # The same 6-step run, interrupted during step 3 (after the step-2 checkpoint), then the same
     # command again with --resume auto.
     config_b = load_config(None, [*fmnist_overrides, "run.name=split", "train.max_steps=6"])
     interrupted = build_task(config_b)
-    original_loss, calls = interrupted.loss, {"n": 0}
-
-    def loss_then_stop(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original_loss(model, batch)
-
-    interrupted.loss = loss_then_stop
+    interrupt_loss(interrupted, 3)
     with pytest.raises(KeyboardInterrupt):
         train(config_b, interrupted, CPU, resume="auto")
     assert ckpt.latest_state(config_b.run_dir / "checkpoints").name == "state_0000002.pt"

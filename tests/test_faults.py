@@ -290,7 +290,7 @@ def test_6_a_cache_made_with_another_vae_or_data_is_refused(tiny_vae_dir, tmp_pa
 # --------------------------------------------------------------------------------------------
 
 
-def test_7_accumulation_resume_is_bitwise_when_a_step_straddles_epochs(fmnist_overrides):
+def test_7_accumulation_resume_is_bitwise_when_a_step_straddles_epochs(fmnist_overrides, interrupt_loss):
     # N = 100, global batch 40, accum 2: micro-batches of 20, 5 per epoch; step 3 takes the last of epoch 0 and
     # the first of epoch 1. Resuming from the step-2 checkpoint must continue exactly there.
     accum = [*fmnist_overrides, "data.limit=100", "train.global_batch=40", "train.accum_steps=2",
@@ -298,15 +298,7 @@ def test_7_accumulation_resume_is_bitwise_when_a_step_straddles_epochs(fmnist_ov
     straight, _ = run([*accum, "run.name=straight"])
     split = load_config(None, [*accum, "run.name=split"])
     task = build_task(split)
-    original, calls = task.loss, {"n": 0}
-
-    def stop_in_step_3(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(model, batch)
-
-    task.loss = stop_in_step_3
+    interrupt_loss(task, 5)  # the 5th micro-batch: inside step 3 (2 micro-batches per step)
     with pytest.raises(KeyboardInterrupt):
         train(split, task, CPU)
     assert ckpt.load_state(states(split)[2])["data"] == {"epoch": 0, "offset": 80}

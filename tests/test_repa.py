@@ -149,7 +149,7 @@ def test_cached_tokens_pair_each_latent_flip_with_its_image_flip(repa_recipe):
     assert torch.equal(picked[0], item["repa"][0]) and torch.equal(picked[1], item["repa"][1])
 
 
-def test_repa_trains_the_projector_not_the_teacher_and_resumes_bitwise(repa_recipe):
+def test_repa_trains_the_projector_not_the_teacher_and_resumes_bitwise(repa_recipe, interrupt_loss):
     overrides, _, _ = repa_recipe
     config = load_config(None, [*overrides, "run.name=straight"])
     task = build_task(config)
@@ -166,15 +166,7 @@ def test_repa_trains_the_projector_not_the_teacher_and_resumes_bitwise(repa_reci
     # Resume: kill in step 3 (after the step-2 checkpoint), run the same command again.
     split = load_config(None, [*overrides, "run.name=split"])
     task2 = build_task(split)
-    original, calls = task2.loss, {"n": 0}
-
-    def stop_in_step_3(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(model, batch)
-
-    task2.loss = stop_in_step_3
+    interrupt_loss(task2, 3)
     with pytest.raises(KeyboardInterrupt):
         train(split, task2, CPU)
     train(split, build_task(split), CPU)

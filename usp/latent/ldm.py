@@ -165,9 +165,9 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:  # a training checkpoint that pickles Python objects besides tensors
-            raise ValueError(f"{path} holds Python objects besides tensors, which usp does not unpickle; in a "
-                             "trusted environment load it with torch.load(..., weights_only=False) and save its "
-                             "state_dict with safetensors, then set latent.path to that file") from err
+            raise ValueError(f"{path} holds Python objects besides tensors, which usp never unpickles (a pickle can "
+                             "run code); where you trust the file, re-save only its state_dict as .safetensors and "
+                             "set latent.path to that file") from err
     for key in ("state_dict", "model"):
         if isinstance(state.get(key), dict):
             state = state[key]
