@@ -20,6 +20,7 @@ from usp.config.loading import (
 )
 from usp.config.sections import (
     GENERATION_PRESETS,
+    SAMPLERS,
     TASKS,
     ClassifyConfig,
     Config,
@@ -57,6 +58,7 @@ __all__ = [
     "PretrainConfig",
     "GenerationConfig",
     "GENERATION_PRESETS",
+    "SAMPLERS",
     "apply_generation_preset",
     "VaeConfig",
     "OptimConfig",

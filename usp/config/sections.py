@@ -109,6 +109,9 @@ class GenerationConfig:
     preset: Literal["none", "dit", "repa"] = "none"
 
 
+# The samplers of each generation.method (usp.diffusion's objectives implement them; a test keeps the two equal).
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim"), "transport": ("ode", "sde")}
+
 # What each `generation.preset` sets. dit: DiT's FID-50K setting (Peebles & Xie 2023, Table 4 / sample_ddp.py:
 # 250 DDPM steps, cfg 1.5 on 3 of 4 latent channels). repa: REPA's (Yu et al. 2025, README / generate.py: SDE
 # Euler–Maruyama, 250 steps, cfg 1.8 on all channels, guidance interval t_noise ∈ [0, 0.7]).
@@ -226,7 +229,7 @@ class Config:
     repa: RepaConfig = field(default_factory=RepaConfig)
 
     def validate(self) -> Config:
-        samplers = ("ddpm", "ddim") if self.generation.method == "ddpm" else ("ode", "sde")
+        samplers = SAMPLERS[self.generation.method]
         if self.generation.preset != "none" and self.generation.sampler not in samplers:
             raise ValueError(f"generation.preset={self.generation.preset} samples with "
                              f"{self.generation.sampler}, which a generation.method={self.generation.method} model "
