@@ -3,7 +3,9 @@
 An unknown key or a value of the wrong type is a `ValueError` that names the key and what is
 allowed; invariants are checked once in `Config.validate`. Every run writes its resolved recipe.
 sections.py holds the dataclasses (one per YAML section) and the presets; loading.py the files, `base:`
-inheritance, overrides and path resolution. Layer 0: imports nothing else of usp.
+inheritance, overrides and path resolution.
+
+May import: nothing else of usp (layer 0: every package reads recipes).
 """
 
 from usp.config.loading import (
@@ -32,7 +34,7 @@ from usp.config.sections import (
     PretrainConfig,
     RepaConfig,
     RunConfig,
-    Task,
+    TaskName,
     TrainConfig,
     VaeConfig,
     apply_generation_preset,
@@ -49,7 +51,7 @@ __all__ = [
     "read_recipe",
     "load_config",
     "save_config",
-    "Task",
+    "TaskName",
     "TASKS",
     "RunConfig",
     "LatentConfig",

@@ -11,13 +11,13 @@ from typing import Any, Literal
 
 import yaml
 
-Task = Literal["pretrain", "finetune", "probe", "classify", "vae"]
-TASKS: tuple[str, ...] = typing.get_args(Task)
+TaskName = Literal["pretrain", "finetune", "probe", "classify", "vae"]
+TASKS: tuple[str, ...] = typing.get_args(TaskName)
 
 
 @dataclass
 class RunConfig:
-    task: Task = "pretrain"
+    task: TaskName = "pretrain"
     name: str = "run"
     out_dir: str = "runs"  # the run directory is out_dir/name
     root: str | None = None  # relative paths of the recipe resolve here (relative to the recipe file); None: cwd
@@ -102,7 +102,7 @@ class GenerationConfig:
     domain_reference: str | None = None  # the real images of that FD: an ADM-format NPZ (arr_0 uint8 N×H×W×3)
     # Guidance interval (Kynkäänniemi et al., NeurIPS 2024): CFG only where the noise level t_noise ∈ [low, high],
     # t_noise 1 = pure noise, 0 = data, both ends included (REPA); elsewhere the model runs conditional only.
-    # null = guide at every step. Mapped per sampler by usp.sample.guided.noise_level (docs/conventions.md).
+    # null = guide at every step. Mapped by the objective's noise_level (usp.diffusion.objective, docs/conventions.md).
     guidance_interval: tuple[float, float] | None = None
     # A published sampling setting (GENERATION_PRESETS); it fills the generation keys that the recipe file or the
     # override list naming it does not set (see apply_generation_preset).
