@@ -19,8 +19,8 @@ COMMAND_OF_TASK = {task: command for command, task in cli.TRAIN_COMMANDS.items()
 
 
 def examples() -> list[str]:
-    """The `usp ...` lines of `usp --help` (the CLI module docstring), trailing comments removed."""
-    lines = [line.strip() for line in cli.__doc__.splitlines() if line.strip().startswith("usp ")]
+    """The `usp ...` lines of `usp --help` (every command's examples), trailing comments removed."""
+    lines = [line.strip() for line in cli.build_parser().epilog.splitlines() if line.strip().startswith("usp ")]
     return [line.split("#")[0].strip() for line in lines]
 
 
@@ -39,6 +39,7 @@ def test_top_level_help_lists_every_command(capsys):
         cli.main(["--help"])
     out = capsys.readouterr().out
     assert all(command in out for command in COMMANDS) and len(examples()) >= 8
+    assert {line.split()[1] for line in examples()} == set(COMMANDS)  # an example of every command
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "configs")))

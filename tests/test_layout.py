@@ -1,7 +1,7 @@
 """The package's shape: every module imports on its own (no import cycles), and the stages are layered.
 
 Layers, low to high: the package root (errors) and config; models, diffusion, data; latent; evaluate,
-sample.guided; train; sample.run; demo; cli. A module may import its own package and lower layers only
+sample.guided; train; sample.run, recipe_tools; demo; cli. A module may import its own package and lower layers only
 (read from the source with `ast`, function-level imports included), with the exceptions in ALLOWED_UPWARD.
 """
 
@@ -28,7 +28,7 @@ LAYER = {
     "usp.latent": 2,
     "usp.evaluate": 3, "usp.sample.guided": 3,
     "usp.train": 4,
-    "usp.sample.run": 5, "usp.sample": 5,
+    "usp.sample.run": 5, "usp.sample": 5, "usp.recipe_tools": 5,
     "usp.demo": 6,
     "usp.cli": 7,
     "usp": 0,  # the package root: the errors a user can fix, nothing imported

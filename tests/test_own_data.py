@@ -201,7 +201,7 @@ def test_reference_lists_the_corrupt_file_it_leaves_out(tree, tmp_path, capsys):
 
 
 def test_fetch_lists_hub_and_local_assets():
-    from usp.demo.fetch import assets
+    from usp.recipe_tools.fetch import assets
 
     found = assets(["pretrain/vit_b_2_sdvae_224", "finetune/dit_xl_2_usp_256", "fmnist/pretrain"])
     assert ("hub", "stabilityai/sd-vae-ft-ema") in found and ("local", "runs/fmnist-vae/vae") in found
@@ -254,7 +254,7 @@ def test_every_training_run_writes_its_loss_curve_beside_its_log(fmnist_override
 
 @needs_fmnist
 def test_latent_space_follows_the_resolution(tree, tmp_path):
-    from usp.demo.init import init_recipes
+    from usp.recipe_tools.init import init_recipes
 
     for size, space, model, has_vae in ((64, "small-f4", "dit_t_2", True), (128, "sd-vae-ft-ema", "dit_b_2", False)):
         _, plan, files = init_recipes(tree, tmp_path / str(size), image_size=size)
