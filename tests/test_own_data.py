@@ -263,3 +263,38 @@ def test_latent_space_follows_the_resolution(tree, tmp_path):
         assert (config.latent.space, config.model.name, config.data.image_size) == (space, model, size)
         if not has_vae:
             assert config.latent.path == "stabilityai/sd-vae-ft-ema"  # a hub id is not taken for a path
+
+
+def _brightness_classes(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, 32, 32) images in [-1, 1] whose mean brightness is their class (-0.6, 0, 0.6), plus noise."""
+    labels = torch.arange(3).repeat(count // 3)
+    noise = 0.1 * torch.randn(len(labels), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return (labels.float() - 1).mul(0.6).view(-1, 1, 1, 1) + noise, labels
+
+
+def test_the_domain_trainer_learns_its_classes_and_records_them(tmp_path):
+    from usp.evaluate.domain import DomainEvaluator, train_domain_cnn
+
+    (x, y), (test_x, test_y) = _brightness_classes(120, 0), _brightness_classes(30, 1)
+    path = tmp_path / "domain.safetensors"
+    _, accuracy = train_domain_cnn(x, y, test_x, test_y, path, steps=30, num_classes=3, batch_size=32)
+    evaluator = DomainEvaluator.load(path)  # builds a 3-class head from the metadata
+    assert accuracy == 1.0 and (evaluator.predict(test_x) == test_y.numpy()).all()
+    assert (evaluator.metadata["num_classes"], evaluator.metadata["epochs"]) == ("3", "10")  # 30 steps of 3 per epoch
+
+
+def test_the_fashion_mnist_classifier_is_the_same_trainer_in_epochs(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import usp.evaluate.domain as domain
+
+    (x, y), (test_x, test_y) = _brightness_classes(300, 0), _brightness_classes(30, 1)
+    splits = {"train": (x, y), "test": (test_x, test_y)}
+    # Fashion-MNIST stand-in: the loader's uint8 (N, 28, 28) is replaced by ready (N, 3, 32, 32) tensors.
+    monkeypatch.setattr(domain, "load_fashion_mnist", lambda root, split: (splits[split][0], splits[split][1].numpy()))
+    monkeypatch.setattr(domain, "to_rgb32", lambda images: images)
+    domain.train_domain_classifier(tmp_path / "a.safetensors", epochs=2, seed=3, batch_size=64)
+    domain.train_domain_cnn(x, y, test_x, test_y, tmp_path / "b.safetensors", steps=2 * (300 // 64), seed=3,
+                            batch_size=64)
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,7 +1,8 @@
 """A domain feature extractor for small data (Fashion-MNIST), where Inception features mean little.
 
-A tiny CNN classifier is trained on Fashion-MNIST (32x32, RGB copies of the grey images, in [-1, 1]); its
-penultimate activations play the role of Inception's pool3 and its predictions the role of the class check.
+A tiny CNN classifier is trained (`train_domain_cnn`, the one trainer) on Fashion-MNIST (32x32, RGB copies of the
+grey images, in [-1, 1]; `train_domain_classifier`) or on the classes of `usp demo --data`; its penultimate
+activations play the role of Inception's pool3 and its predictions the role of the class check.
 
 **Not comparable to Inception FID.** The "domain FD" is the Fréchet distance between Gaussian fits of *this*
 network's 128-d features: its scale depends on this network and its training run, so compare domain FDs only
