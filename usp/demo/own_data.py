@@ -103,7 +103,7 @@ class OwnDataDemo(Demo):
         """The real side of the domain FD: the evaluation split, ADM centre crop at the training size (written once)."""
         path = self.out / "domain_reference.npz"
         if not path.exists():
-            from usp.data.scan import read_exclude
+            from usp.data.images import read_exclude
             from usp.evaluate.reference import reference_batch_from_folder
 
             dc = self.recipe("pretrain").data
