@@ -70,17 +70,18 @@ def test_init_then_demo_quick_on_own_images(tree, tmp_path, capsys):
     main(["init", "--data", str(tree), "--out", str(out)])
     printed = capsys.readouterr().out
     assert "broken.png" in printed and "zz_empty" in printed
-    recipes = {p.stem: read_recipe(p) for p in (out / "recipes").glob("*.yaml")}
-    assert set(recipes) == {"vae", "pretrain", "probe", "classify", "dit_usp", "dit_scratch", "sit_usp",
-                            "sit_scratch"}
+    assert {p.stem: read_recipe(p)["run"]["root"] for p in (out / "recipes").glob("*.yaml")} == dict.fromkeys(
+        ("vae", "pretrain", "probe", "classify", "dit_usp", "dit_scratch", "sit_usp", "sit_scratch"), "..")
+    recipes = {p.stem: load_config(p) for p in (out / "recipes").glob("*.yaml")}  # base: merged, paths resolved
     for name in ("probe", "classify", "dit_usp", "dit_scratch", "sit_usp", "sit_scratch"):
-        assert recipes[name]["model"]["num_classes"] == CLASSES + 1, name  # every class folder is a label
+        assert recipes[name].model.num_classes == CLASSES + 1, name  # every class folder is a label
     for name, recipe in recipes.items():
-        assert recipe["data"]["source"] == "folder" and Path(recipe["data"]["root"]) == tree.resolve(), name
-        assert recipe["data"]["exclude"], name  # the corrupt file is left out through the list, by name
-    assert "broken.png" in Path(recipes["pretrain"]["data"]["exclude"]).read_text()
-    assert recipes["dit_usp"]["model"]["init"] == "runs/pretrain" and recipes["dit_scratch"]["model"]["init"] is None
-    assert recipes["vae"]["data"]["hflip"] is False and recipes["pretrain"]["data"]["hflip"] is True
+        assert recipe.data.source == "folder" and Path(recipe.data.root) == tree.resolve(), name
+        assert recipe.data.exclude, name  # the corrupt file is left out through the list, by name
+    assert "broken.png" in Path(recipes["pretrain"].data.exclude).read_text()
+    assert recipes["dit_usp"].model.init == str((out / "runs" / "pretrain").resolve())
+    assert recipes["dit_scratch"].model.init is None
+    assert recipes["vae"].data.hflip is False and recipes["pretrain"].data.hflip is True
 
     demo = tmp_path / "demo"
     main(["demo", "--data", str(tree), "--quick", "--out", str(demo)])
