@@ -87,6 +87,8 @@ def test_init_then_demo_quick_on_own_images(tree, tmp_path, capsys):
     main(["demo", "--data", str(tree), "--quick", "--out", str(demo)])
     report = (demo / "report.md").read_text()
     assert "broken.png" in report and "zz_empty" in report and "mydata" in report
+    # Built from this data, not patched from the Fashion-MNIST text: its classes, its evaluation split.
+    assert "Fashion-MNIST" not in report and "(chance 0.20)" in report and "all 60 images of the val split" in report
     results = json.loads((demo / "results.json").read_text())
     assert {k: results["cache"][k] for k in ("train", "test")} == {"train": CLASSES * TRAIN_PER_CLASS,
                                                                     "test": CLASSES * VAL_PER_CLASS}
