@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     arg = command("sample", cmd_sample, "class-conditional samples: PNG grid + ADM-format NPZ (torchrun-sharded)",
                   "usp sample runs/fmnist-dit-usp/checkpoints/weights_0002000.safetensors --num-samples 1000 "
-                  "generation.cfg_scale=2   # or generation.preset=dit|repa, generation.guidance_interval=[0,0.7]",
+                  "generation.cfg_scale=2   # or generation.preset=dit|repa",
                   parents=[weights])
     arg("--model", help="registry name for a public checkpoint without usp metadata, e.g. dit_xl_2")
     arg("--out", help="output folder (default: <run>/samples_<N>)")
