@@ -20,7 +20,7 @@ from usp.cli import main
 from usp.config import load_config, read_recipe
 from usp.data.fashion_mnist import find_folder, load_fashion_mnist
 from usp.data.scan import scan_image_folder
-from usp.models.transfer import load_state_dict_file, resolve_checkpoint
+from usp.run.weights import load_weights, resolve_weights
 
 CLASSES = 4  # classes with images; a fifth, empty class folder is added to every split
 TRAIN_PER_CLASS, VAL_PER_CLASS = 60, 15
@@ -121,12 +121,12 @@ def test_recipe_paths_resolve_from_another_directory(tree, tmp_path, monkeypatch
     checkpoints.mkdir(parents=True)
     for step in (90, 1200, 300):  # "latest" is by step in the name, not by write order
         save_file({"w": torch.full((2,), float(step))}, str(checkpoints / f"weights_{step:07d}.safetensors"))
-    assert load_state_dict_file(config.model.init)["w"].tolist() == [1200.0, 1200.0]
-    assert resolve_checkpoint(Path(config.model.init) / "latest").name == "weights_0001200.safetensors"
-    assert resolve_checkpoint(checkpoints / "weights_0000090.safetensors").name == "weights_0000090.safetensors"
+    assert load_weights(config.model.init)[0]["w"].tolist() == [1200.0, 1200.0]
+    assert resolve_weights(Path(config.model.init) / "latest").name == "weights_0001200.safetensors"
+    assert resolve_weights(checkpoints / "weights_0000090.safetensors").name == "weights_0000090.safetensors"
     (out / "vae").mkdir()
     with pytest.raises(FileNotFoundError, match="looked for weights_<step>.safetensors in .*vae/checkpoints"):
-        resolve_checkpoint(out / "vae")
+        resolve_weights(out / "vae")
 
 
 def test_fmnist_recipes_name_the_pretraining_run_folder():

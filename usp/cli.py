@@ -90,10 +90,10 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from usp.models.transfer import resolve_checkpoint
+    from usp.run.weights import resolve_weights
     from usp.sample.run import run_sampling
 
-    path = run_sampling(resolve_checkpoint(args.weights), args.overrides, out_dir=args.out,
+    path = run_sampling(resolve_weights(args.weights), args.overrides, out_dir=args.out,
                         num_samples=args.num_samples, seed=args.seed, balanced=args.balanced,
                         batch_size=args.batch_size, model_name=args.model, grid=args.grid)
     print(f"wrote {path}")
@@ -149,9 +149,9 @@ def cmd_compare_run(args: argparse.Namespace) -> None:
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     from usp.evaluate.reconstruct import reconstruct_grid
-    from usp.models.transfer import resolve_checkpoint
+    from usp.run.weights import resolve_weights
 
-    path = reconstruct_grid(resolve_checkpoint(args.weights), args.out, num_images=args.num_images,
+    path = reconstruct_grid(resolve_weights(args.weights), args.out, num_images=args.num_images,
                             mask_ratio=args.mask_ratio, seed=args.seed, overrides=args.overrides)
     print(f"wrote {path}")
 

@@ -202,7 +202,7 @@ class Demo:
 
     def pretrain(self) -> dict:
         from usp.evaluate.reconstruct import reconstruct_grid
-        from usp.train.checkpoint import latest_weights
+        from usp.run.checkpoint import latest_weights
         from usp.train.engine import read_log, train
         from usp.train.tasks import build_task
 

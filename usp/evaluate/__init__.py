@@ -2,7 +2,7 @@
 domain classifier for small data (its "domain FD" is not comparable to Inception FID), quick frozen-feature
 probes (logistic regression, k-NN) and the restoration figure of a pretraining run.
 
-May import: config, data, latent, models, and `usp.train.checkpoint` (the weights format); never the engine,
+May import: config, data, latent, models, and `usp.run.checkpoint` (the weights format); never the engine,
 the tasks, demo or cli.
 """
 

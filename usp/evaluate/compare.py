@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from usp.train.log import read_log
+from usp.run.log import read_log
 
 LOSS_TOL = 0.05  # relative; see the module docstring for where it comes from
 FD_TOL = 0.10  # relative, on top of 2 x the combined bootstrap error
