@@ -19,6 +19,7 @@ Examples:
   usp probe configs/fmnist/probe.yaml            # the paper's linear probe (LARS); result.json in the run folder
   usp classify configs/fmnist/classify.yaml      # full fine-tuning, Table 13 augmentation
   usp probe runs/fmnist-dit-usp/checkpoints/weights_0001500.safetensors --blocks 2 4 --noise-levels 0.1 0.5
+  usp export runs/fmnist-sit-usp --to hub sit_hub   # diffusers / timm folder + model card, no upload
 """
 
 from __future__ import annotations
@@ -230,6 +231,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from usp.export import export
+
+    out, notes = export(args.weights, args.to, args.out, license=args.license)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usp", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or USP_DEBUG=1)")
@@ -372,6 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("export", help="weights -> a diffusers, timm or Hub folder (with a model card)",
+                       formatter_class=argparse.RawTextHelpFormatter,
+                       description="example: usp export runs/fmnist-sit-usp --to hub sit_hub\n"
+                                   "  --to diffusers: DiT -> DiTPipeline folder; SiT -> transformer + scheduler\n"
+                                   "  --to timm: a USP encoder (pretrain, probe, classify) -> timm VisionTransformer\n"
+                                   "  --to hub: either, plus the usp weights, the recipe and README.md (model card)")
+    p.add_argument("weights", help="weights_*.safetensors of a usp run, or the run folder (its latest)")
+    p.add_argument("--to", required=True, choices=("diffusers", "timm", "hub"), help="the target layout")
+    p.add_argument("out", help="the new output folder")
+    p.add_argument("--license", default="other", help="license of the model card's metadata (default: other)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -114,11 +114,16 @@ _WEIGHTS_FILE = re.compile(r"weights_(\d+)\.safetensors$")
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A weights argument (model.init, `usp sample`/`reconstruct` weights) -> one file. Accepted: a file; a run
-    folder (its latest exported `checkpoints/weights_*.safetensors`); `RUN/latest`; a checkpoints folder.
+    folder (its latest exported `checkpoints/weights_*.safetensors`); `RUN/latest`; a checkpoints folder; an
+    exported timm folder (its model.safetensors) or diffusers folder (returned as is).
     "Latest" is the highest step in the file name, as the engine's checkpoints are named."""
     path = Path(path).expanduser()
     if path.is_file():
         return path
+    if (path / "transformer" / "config.json").is_file() or (path / "model_index.json").is_file():
+        return path  # a diffusers folder (`usp export --to diffusers`, public DiT): usp.export.diffusers reads it
+    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+        return path / "model.safetensors"  # a timm / Hub folder (`usp export --to timm`): timm's key names
     folder = path.parent if path.name == "latest" else path
     if not folder.is_dir():
         raise FileNotFoundError(f"weights {path} does not exist: give a weights file, a run folder or RUN/latest")

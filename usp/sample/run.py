@@ -22,6 +22,10 @@ def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model
     """Our `weights_*.safetensors` carry their recipe; anything else (a public DiT/SiT `.pt`, USP's
     fine-tuned weights) needs `model_name` and recipe overrides for the latent space and sizes."""
     path = Path(weights)
+    if path.is_dir():  # an exported or public diffusers folder
+        from usp.export.diffusers import load_diffusers_generator
+
+        return load_diffusers_generator(path, overrides, model_name)
     meta = load_weights(path)[1] if path.suffix == ".safetensors" else {}
     if meta.get("config"):
         if meta.get("task") != "finetune":
