@@ -59,7 +59,7 @@ def _metadata(config, family: str, license: str) -> str:
 
 
 def _metrics(run_dir: Path, config) -> list[str]:
-    """One line per metric the run logged (its last value and step) with the setting that produced it."""
+    """One table row per metric the run logged (its last value and step) with the setting that produced it."""
     from usp.train.log import read_log
 
     train, evals = read_log(run_dir)
@@ -70,26 +70,36 @@ def _metrics(run_dir: Path, config) -> list[str]:
                 "finetune": f"{config.generation.method} training loss", "probe": "cross-entropy of the probe head",
                 "classify": "cross-entropy (with the run's mixup / label smoothing)"}.get(config.run.task, "loss")
         lines.append(f"| training loss | {last['loss']:.4f} | {last['step']} | {what}; "
-                     f"batch {config.train.global_batch}, "
-                     f"{last.get('images_seen', '?')} images seen |")
-    gen = config.generation
-    sampling = (f"{gen.sampler} sampler ({gen.ode_method if gen.sampler == 'ode' else ''} {gen.sample_steps} steps), "
-                f"CFG {gen.cfg_scale} on {gen.guided_channels or 'all'} channels, EMA weights")
-    result = run_dir / "result.json"
-    protocol = json.loads(result.read_text()).get("protocol") if result.is_file() else None
+                     f"batch {config.train.global_batch}, {last.get('images_seen', '?')} images seen |")
+    latest: dict[str, tuple[int, dict]] = {}  # metric -> (step, the row it was last logged in)
     for row in evals:
         for key, value in row.items():
-            if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            if key in ("top1", "top5"):
-                setting = (f"{protocol['name']}: {protocol['classifier']}; {protocol['schedule']}; augmentation "
-                           f"{protocol['augmentation']}" if protocol else "top-k accuracy on " + config.data.eval_split)
-            elif key.startswith(("domain", "class_")) or "fd" in key:
-                setting = (f"domain metric (a small classifier trained on {config.data.source}, NOT Inception FID) of "
-                           f"{gen.eval_samples} class-balanced samples; {sampling}")
-            else:
-                setting = sampling if config.run.task == "finetune" else "as logged by the run"
-            lines.append(f"| {key} | {value:.4g} | {row['step']} | {setting} |")
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                latest[key] = (row["step"], row)
+    gen = config.generation
+    steps = f"{gen.ode_method}, {gen.sample_steps} grid points" if gen.sampler == "ode" else f"{gen.sample_steps} steps"
+    sampling = (f"{gen.sampler} sampler ({steps}), CFG {gen.cfg_scale} on {gen.guided_channels or 'all'} channels"
+                f"{', guidance interval ' + str(list(gen.guidance_interval)) if gen.guidance_interval else ''}, "
+                f"{'EMA' if config.train.ema_decay else 'model'} weights, class-balanced labels")
+    result = run_dir / "result.json"
+    protocol = json.loads(result.read_text()).get("protocol") if result.is_file() else None
+    for key, (step, row) in latest.items():
+        value = f"{row[key]:.4g}"
+        if key in ("domain_fd_se", "samples"):
+            continue  # shown with domain_fd
+        if key in ("top1", "top5"):
+            setting = (f"{protocol['name']}: {protocol['classifier']}; {protocol['schedule']}; augmentation "
+                       f"{protocol['augmentation']}" if protocol else f"top-k accuracy (%) on {config.data.eval_split}")
+        elif key in ("domain_fd", "class_agreement"):
+            if key == "domain_fd" and "domain_fd_se" in row:
+                value += f" ± {row['domain_fd_se']:.2g}"
+            what = ("Fréchet distance of a small domain classifier's features (NOT Inception FID; ± bootstrap error)"
+                    if key == "domain_fd" else "fraction of samples the domain classifier gives their own label")
+            count = int(row.get("samples", gen.eval_samples))
+            setting = f"{what}; {count} samples vs real {config.data.source}; {sampling}"
+        else:
+            setting = "as logged by the run"
+        lines.append(f"| {key} | {value} | {step} | {setting} |")
     return lines
 
 
@@ -145,12 +155,30 @@ def sample(y, generators):
         k1 = velocity(x, t0, y)
         {'k2 = velocity(x + (t1 - t0) * k1, t1, y)' if heun else 'k2 = k1'}
         x = x + (t1 - t0) * (k1 + k2) / 2
-    return x  # normalised latents: decode with the VAE of the run (see "Latents")
+    return x  # normalised latents
 ```
+{_decode_hint(config)}
 For Euler, diffusers' `FlowMatchEulerDiscreteScheduler` (in scheduler/, shift 1) takes the same steps when given
 `sigmas = 1 - ts[:-1]` and the model's output negated (its time runs from noise σ = 1 to data σ = 0). usp's Heun
 does not match `FlowMatchHeunDiscreteScheduler` (that grid ends at σ_min and its last step is Euler), nor its
 default dopri5 any fixed-step scheduler."""
+
+
+def _decode_hint(config) -> str:
+    """How to turn the normalised latents into images, for the VAE the export wrote or referenced."""
+    from usp.latent.small_vae import is_small_vae_folder
+    from usp.latent.vae import scale_and_shift, spec_of
+
+    path = config.latent.path
+    if path and Path(path).is_dir() and is_small_vae_folder(path):
+        return ("Images in [-1, 1]: `SmallVAEForDiffusers.from_pretrained(\"OUT\", subfolder=\"vae\")"
+                ".decode(x).sample` (`from usp.export.vae import SmallVAEForDiffusers`: diffusers' AutoencoderKL "
+                "cannot hold this VAE).")
+    scale, shift = scale_and_shift(config.latent.space, path)
+    vae = path or spec_of(config.latent.space).default_path
+    if isinstance(scale, float) and shift == 0.0:
+        return f"Images in [-1, 1]: `AutoencoderKL.from_pretrained({vae!r}).decode(x / {scale}).sample`."
+    return f"Images: decode with usp, `LatentSpace.load({config.latent.space!r}, {vae!r}).decode(x)`."
 
 
 def model_card(meta, config, family: str, class_names, license: str, run_dir: Path, notes: list[str]) -> str:
@@ -173,7 +201,7 @@ def model_card(meta, config, family: str, class_names, license: str, run_dir: Pa
     if class_names:
         lines += [f"Classes ({len(class_names)}): " + ", ".join(f"{i} {n}" for i, n in enumerate(class_names)), ""]
     rows = _metrics(run_dir, config) if (run_dir / "log.jsonl").is_file() else []
-    lines += ["## Metrics", "", "What the run logged (last value of each), with the protocol that produced it.", ""]
+    lines += ["## Metrics", "", "What the run logged (the last value of each), with the protocol that produced it.", ""]
     lines += (["| metric | value | step | protocol |", "|---|---|---|---|", *rows] if rows
               else ["No log.jsonl beside the weights file: no metric to report."])
     lines += ["", "## Load without usp", ""]
