@@ -169,7 +169,10 @@ def test_dit_pipeline_equals_usp_sample(tmp_path, small_vae_dir):
     labels, seeds = [0, 3, 7, 9], [0, 1, 2, 3]
     images = _pipeline_images(out, labels, seeds, 10, 2.0)
 
-    model, config = load_generator(out)  # `usp sample OUT` reads the folder back
+    from usp.models.transfer import resolve_checkpoint
+
+    assert resolve_checkpoint(out) == out  # `usp sample OUT` hands the folder itself to load_generator
+    model, config = load_generator(out)
     from usp.latent.vae import LatentSpace
 
     z = sample_latents(model, config.generation, torch.tensor(labels), seeds, (C, 8, 8))

@@ -1,7 +1,7 @@
 """The package's shape: every module imports on its own (no import cycles), and the stages are layered.
 
 Layers, low to high: the package root (errors) and config; models, diffusion, data; latent; evaluate,
-sample.guided; train; sample.run; demo; cli. A module may import its own package and lower layers only
+sample.guided; train; sample.run and export; demo; cli. A module may import its own package and lower layers only
 (read from the source with `ast`, function-level imports included), with the exceptions in ALLOWED_UPWARD.
 """
 
@@ -28,14 +28,16 @@ LAYER = {
     "usp.latent": 2,
     "usp.evaluate": 3, "usp.sample.guided": 3,
     "usp.train": 4,
-    "usp.sample.run": 5, "usp.sample": 5,
+    "usp.sample.run": 5, "usp.sample": 5, "usp.export": 5,
     "usp.demo": 6,
     "usp.cli": 7,
     "usp": 0,  # the package root: the errors a user can fix, nothing imported
 }
 # Reading a weights file or a run's log is the checkpoint / log module's job at every layer: each format is
 # defined once, there.
-ALLOWED_UPWARD = {("usp.evaluate.reconstruct", "usp.train.checkpoint"), ("usp.evaluate.compare", "usp.train.log")}
+# So is reading a diffusers folder (an exported or public DiT) the diffusers export module's.
+ALLOWED_UPWARD = {("usp.evaluate.reconstruct", "usp.train.checkpoint"), ("usp.evaluate.compare", "usp.train.log"),
+                  ("usp.sample.run", "usp.export.diffusers")}
 
 
 def layer_of(module: str) -> tuple[str, int]:

@@ -6,7 +6,8 @@
 
 Only `weights_*.safetensors` files a usp run wrote are exported: their metadata carries the recipe that says
 which network, latent space and objective the tensors belong to. `OUT` must not exist yet; it is written in a
-temporary folder beside it and renamed when complete.
+temporary folder beside it and renamed when complete. May import: config, models, latent, data, train (the
+weights and log readers, the generator builder); `usp.sample.run` reads diffusers folders through diffusers.py.
 """
 
 from __future__ import annotations
