@@ -181,16 +181,22 @@ def test_dit_pipeline_equals_usp_sample(tmp_path, small_vae_dir):
     assert (images - ref).abs().max().item() < 1e-4
 
 
-def test_sit_export_card_sampler_equals_usp(tmp_path, small_vae_dir):
-    """The SiT card's diffusers-only loop (Heun, 6 grid points, CFG 2) gives usp's samples; diffusers'
-    FlowMatchEulerDiscreteScheduler with the card's sigmas gives usp's Euler ODE."""
+EULER_INTERVAL = ["generation.ode_method=euler", "generation.sample_steps=5", "generation.cfg_scale=1.5",
+                  "generation.guided_channels=4", "generation.guidance_interval=[0.0,0.7]"]
+
+
+@pytest.mark.parametrize("sampler", [[], EULER_INTERVAL], ids=["heun-cfg-all", "euler-4-channels-interval"])
+def test_sit_export_card_sampler_equals_usp(tmp_path, small_vae_dir, sampler):
+    """The SiT card's diffusers-only loop (Heun 6 grid points, CFG 2 on all channels; or Euler, CFG 1.5 on 4 channels
+    inside a guidance interval) gives usp's samples; diffusers' FlowMatchEulerDiscreteScheduler with the card's
+    sigmas gives usp's Euler ODE."""
     from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     from usp.diffusion import create_transport, sample_ode
     from usp.sample.guided import guided_model_fn, sample_latents
     from usp.sample.run import load_generator
 
-    weights = write_run(tmp_path, "sit_t_1", "finetune", _generator_overrides(small_vae_dir, "sit"))
+    weights = write_run(tmp_path, "sit_t_1", "finetune", [*_generator_overrides(small_vae_dir, "sit"), *sampler])
     out, _ = export(weights, "hub", tmp_path / "hub")
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers") and "zalando-datasets/fashion_mnist" in card

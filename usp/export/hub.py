@@ -128,20 +128,26 @@ and per-sample generators `torch.Generator().manual_seed(seed + i + 1_000_003)` 
     heun = gen.sampler == "ode" and gen.ode_method == "heun"
     steps = int(gen.sample_steps) if gen.sample_steps.isdigit() else 50
     mix = "cond, uncond = v.chunk(2)" if g is None else f"cond, uncond = v[:, :{g}].chunk(2)  # guided channels"
-    mixed = ("uncond + s * (cond - uncond)" if g is None
-             else f"torch.cat([uncond + s * (cond - uncond), v[:len(x), {g}:]], 1)")
+    scale = "s" if gen.guidance_interval is None else "s_t"
+    mixed = (f"uncond + {scale} * (cond - uncond)" if g is None
+             else f"torch.cat([uncond + {scale} * (cond - uncond), v[:len(x), {g}:]], 1)")
+    interval = ("" if gen.guidance_interval is None else  # guide only where the noise level 1 - t is inside
+                f"\n    s_t = s if {gen.guidance_interval[0]} <= 1 - float(t) <= {gen.guidance_interval[1]} else 1.0")
+    sde = (f" (the run itself sampled with the {gen.sampler.upper()}, which this loop does not do)"
+           if gen.sampler != "ode" else "")
     return f"""diffusers has no SiT pipeline; the transformer loads as a `DiTTransformer2DModel` and this loop is usp's
-{'Heun' if heun else 'Euler'} ODE sampler (t from 0 = noise to 1 = data on {steps} grid points, linear path, velocity):
+{'Heun' if heun else 'Euler'} ODE sampler (t from 0 = noise to 1 = data on {steps} grid points, linear path,
+velocity){sde}:
 ```python
 import torch
 from diffusers import DiTTransformer2DModel
 
 net = DiTTransformer2DModel.from_pretrained("OUT", subfolder="transformer").eval()
-for block in net.transformer_blocks:  # DiT's timestep frequencies (diffusers' default differs slightly)
+for block in net.transformer_blocks:  # DiT's timestep frequencies (diffusers' default differs)
     block.norm1.emb.time_proj.downscale_freq_shift = 0
 C, s = net.config.in_channels, {gen.cfg_scale}
 
-def velocity(x, t, y):  # guided velocity; the null label is row 1000 of the label table
+def velocity(x, t, y):  # guided velocity; the null label is row 1000 of the label table{interval}
     v = net(torch.cat([x, x]), timestep=t.expand(2 * len(x)), class_labels=torch.cat([y, torch.full_like(y, 1000)]))
     v = v.sample[:, :C]
     {mix}
