@@ -112,7 +112,6 @@ def _diffusers_usage(config, family: str) -> str:
         return f"""```python
 import torch
 from diffusers import DiTPipeline
-from usp.export.diffusers import match_dit_time_embedding  # optional: exact DiT numerics (needs usp)
 
 pipe = DiTPipeline.from_pretrained("OUT")  # add vae=AutoencoderKL.from_pretrained(...) if vae/ is a reference
 # diffusers' DiT uses timestep frequencies 10000^(-k/127) where DiT trained with 10000^(-k/128); this sets DiT's:
@@ -123,8 +122,10 @@ images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={gen.cfg_scale}, num_inf
 ```
 DiTPipeline samples with DDIM (it drops the learned variance) and guides all {spec.channels} latent channels; the
 run's own setting is {gen.sampler}, {gen.sample_steps} steps, CFG {gen.cfg_scale} on {g or 'all'} channels.
-With `usp sample OUT generation.sampler=ddim generation.sample_steps=ddim50 generation.guided_channels={spec.channels}`
-and per-sample generators `torch.Generator().manual_seed(seed + i + 1_000_003)` both give the same images."""
+`usp sample OUT --balanced generation.sampler=ddim generation.sample_steps=ddim50
+generation.guided_channels={spec.channels}` gives the same images as the pipeline above (with DiT's time frequencies
+set) called with `class_labels=[i % {config.model.num_classes} for i in range(N)]`, `num_inference_steps=50` and one
+generator per image, `torch.Generator().manual_seed(seed + i + 1_000_003)`."""
     heun = gen.sampler == "ode" and gen.ode_method == "heun"
     steps = int(gen.sample_steps) if gen.sample_steps.isdigit() else 50
     mix = "cond, uncond = v.chunk(2)" if g is None else f"cond, uncond = v[:, :{g}].chunk(2)  # guided channels"
