@@ -98,15 +98,19 @@ def test_diffusers_transformer_equals_usp_network(name, affine):
     assert (as_loaded - ref).abs().max().item() > 1e-4
 
 
-def test_dit_xl_2_export_loads_strictly_in_diffusers_on_meta():
+def test_dit_xl_2_export_loads_strictly_in_diffusers_on_meta(tmp_path):
     """The public DiT-XL/2 layout (facebook/DiT-XL-2-256: 16 heads × 72, 28 layers, 32×32×4 latents, patch 2,
-    8 output channels, 1000 classes + null): our mapping fills exactly its keys and shapes, and reads back."""
+    8 output channels, 1000 classes + null): the config.json we write (with its `_usp` block) builds the model in
+    diffusers, our mapping fills exactly its keys and shapes, and reads back into usp's dit_xl_2."""
     from diffusers import DiTTransformer2DModel
 
     with torch.device("meta"):
         dit = create_model("dit_xl_2", input_size=32)
-        cfg = transformer_config(dit)
-        transformer = DiTTransformer2DModel(**cfg)
+    cfg = transformer_config(dit)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "DiTTransformer2DModel", **cfg,
+                                                      "_usp": {"family": "dit"}}))
+    with torch.device("meta"):
+        transformer = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(str(tmp_path)))
     public = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                   sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
     assert {k: cfg[k] for k in public} == public
