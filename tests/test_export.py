@@ -355,6 +355,15 @@ def test_bad_inputs_are_one_clear_error(tmp_path, small_vae_dir):
                     _encoder_state("vit_t_1", "pretrain"))
     with pytest.raises(ValueError, match="which --to diffusers cannot hold.*--to timm or --to hub"):
         export(vit, "diffusers", tmp_path / "e")
+    from usp.train.tasks.generation import build_generator
+
+    resized = build_generator(config_from_dict({}, ["run.task=finetune", "model.name=dit_t_1", "data.image_size=32",
+                                                    "data.source=fashion_mnist", "model.num_classes=10",
+                                                    *_generator_overrides(small_vae_dir, "dit")])).state_dict()
+    resized["pos_embed"] = resized["pos_embed"] * 0.9  # e.g. a table pretrained at another grid, resized
+    moved = write_run(tmp_path / "resized", "dit_t_1", "finetune", _generator_overrides(small_vae_dir, "dit"), resized)
+    with pytest.raises(ValueError, match="position table is not the 8x8 sin-cos table"):
+        export(moved, "diffusers", tmp_path / "f")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
