@@ -364,6 +364,9 @@ def test_bad_inputs_are_one_clear_error(tmp_path, small_vae_dir):
     moved = write_run(tmp_path / "resized", "dit_t_1", "finetune", _generator_overrides(small_vae_dir, "dit"), resized)
     with pytest.raises(ValueError, match="position table is not the 8x8 sin-cos table"):
         export(moved, "diffusers", tmp_path / "f")
+    hub, notes = export(moved, "hub", tmp_path / "g")  # the Hub folder keeps the usp file and says why
+    assert not (hub / "transformer").exists() and (hub / "usp" / "weights.safetensors").is_file()
+    assert "library_name: usp" in (hub / "README.md").read_text() and "position table" in notes[0]
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):

@@ -28,7 +28,10 @@ def write_hub(weights, meta, config, family: str, out: Path, class_names: list[s
         from usp.export import build_run_generator
         from usp.export.diffusers import write_diffusers
 
-        notes = write_diffusers(build_run_generator(weights, config), config, family, out, class_names)
+        try:
+            notes = write_diffusers(build_run_generator(weights, config), config, family, out, class_names)
+        except ValueError as err:  # diffusers cannot hold this network (it is refused before anything is written)
+            notes = [f"no diffusers folder: {err}"]
     else:
         from usp.export.timm import write_timm
 
@@ -38,7 +41,9 @@ def write_hub(weights, meta, config, family: str, out: Path, class_names: list[s
     (out / "usp").mkdir()
     shutil.copyfile(source, out / "usp" / "weights.safetensors")
     (out / "usp" / "recipe.yaml").write_text(config.to_yaml())
-    (out / "README.md").write_text(model_card(meta, config, family, class_names, license, source.parent.parent, notes))
+    in_diffusers = (out / "transformer").is_dir()
+    card = model_card(meta, config, family, class_names, license, source.parent.parent, notes, in_diffusers)
+    (out / "README.md").write_text(card)
     return notes
 
 
@@ -47,8 +52,8 @@ def write_hub(weights, meta, config, family: str, out: Path, class_names: list[s
 # --------------------------------------------------------------------------------------------
 
 
-def _metadata(config, family: str, license: str) -> str:
-    library = "diffusers" if family in ("dit", "sit") else "timm"
+def _metadata(config, family: str, license: str, in_diffusers: bool) -> str:
+    library = ("diffusers" if in_diffusers else "usp") if family in ("dit", "sit") else "timm"
     source = config.data.source
     dataset = HUB_DATASETS.get(source) or Path(config.data.root or "images").name
     tags = ["usp", family.replace("_cls", ""), library, *TASK_TAGS.get(config.run.task, [])]
@@ -188,7 +193,8 @@ def _decode_hint(config) -> str:
     return f"Images: decode with usp, `LatentSpace.load({config.latent.space!r}, {vae!r}).decode(x)`."
 
 
-def model_card(meta, config, family: str, class_names, license: str, run_dir: Path, notes: list[str]) -> str:
+def model_card(meta, config, family: str, class_names, license: str, run_dir: Path, notes: list[str],
+               in_diffusers: bool = True) -> str:
     from usp.latent.vae import scale_and_shift, spec_of
 
     spec = spec_of(config.latent.space)
@@ -197,7 +203,7 @@ def model_card(meta, config, family: str, class_names, license: str, run_dir: Pa
     repa = ", REPA" if config.repa.enabled else ""
     what = {"dit": "DiT (DDPM, learned sigma)", "sit": f"SiT (transport{repa})",
             "vit": "USP encoder (masked latent modeling)", "vit_cls": "ViT classifier on latents"}[family]
-    lines = [_metadata(config, family, license), f"# {config.run.name}: {meta['model']}, {what}", "",
+    lines = [_metadata(config, family, license, in_diffusers), f"# {config.run.name}: {meta['model']}, {what}", "",
              f"Trained with [usp](https://arxiv.org/abs/2503.06132) (`usp {config.run.task}`), step {meta.get('step')}"
              f"{', EMA weights' if meta.get('ema') else ''}; initialised from `{config.model.init or 'random'}`.", "",
              "## Latents", "",
@@ -212,7 +218,9 @@ def model_card(meta, config, family: str, class_names, license: str, run_dir: Pa
     lines += (["| metric | value | step | protocol |", "|---|---|---|---|", *rows] if rows
               else ["No log.jsonl beside the weights file: no metric to report."])
     lines += ["", "## Load without usp", ""]
-    if family in ("dit", "sit"):
+    if family in ("dit", "sit") and not in_diffusers:
+        lines.append("This network has no diffusers form (see Notes); `usp/weights.safetensors` holds it.")
+    elif family in ("dit", "sit"):
         lines.append(_diffusers_usage(config, family))
     else:
         c = spec.channels
