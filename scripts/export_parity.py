@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_export import C, _encoder_state, _generator_overrides, _perturbed, _pipeline_images, write_run  # noqa: E402
 
 from usp.export import export  # noqa: E402
-from usp.export.diffusers import match_dit_time_embedding, to_diffusers_state, transformer_config  # noqa: E402
 from usp.latent.small_vae import SmallVAE  # noqa: E402
 from usp.models import create_model  # noqa: E402
+from usp.models.diffusers import match_dit_time_embedding, to_diffusers_state, transformer_config  # noqa: E402
 
 
 def main(root: Path) -> None:

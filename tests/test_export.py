@@ -13,16 +13,11 @@ import torch
 
 from usp.config import config_from_dict
 from usp.export import export
-from usp.export.diffusers import (
-    from_diffusers_state,
-    load_diffusers_generator,
-    match_dit_time_embedding,
-    to_diffusers_state,
-    transformer_config,
-)
 from usp.latent.small_vae import SmallVAE
 from usp.models import create_model
-from usp.train.checkpoint import save_weights
+from usp.models.diffusers import from_diffusers_state, match_dit_time_embedding, to_diffusers_state, transformer_config
+from usp.run.checkpoint import save_weights
+from usp.sample.diffusers import load_diffusers_generator
 
 C = 8  # small-f4 latents: 8 channels, 8×8 for 32 px images
 
@@ -57,7 +52,7 @@ def write_run(root: Path, name: str, task: str, overrides: list[str], state: dic
                                    "data.image_size=32", "model.num_classes=10", *overrides])
     if state is None:
         from usp.export import build_run_generator  # noqa: F401  (same builder the export uses)
-        from usp.train.tasks.generation import build_generator
+        from usp.sample.run import build_generator
 
         state = _perturbed(build_generator(config)).state_dict()
     meta = {"task": task, "model": name, "step": 7, "ema": True, "config": config.to_dict()}
@@ -173,9 +168,9 @@ def test_dit_pipeline_equals_usp_sample(tmp_path, small_vae_dir):
     labels, seeds = [0, 3, 7, 9], [0, 1, 2, 3]
     images = _pipeline_images(out, labels, seeds, 10, 2.0)
 
-    from usp.models.transfer import resolve_checkpoint
+    from usp.run.weights import resolve_weights
 
-    assert resolve_checkpoint(out) == out  # `usp sample OUT` hands the folder itself to load_generator
+    assert resolve_weights(out) == out  # `usp sample OUT` hands the folder itself to load_generator
     model, config = load_generator(out)
     from usp.latent.vae import LatentSpace
 
@@ -288,7 +283,8 @@ def test_timm_features_equal_usp_encoder(tmp_path, small_vae_dir, name, task, po
 
 def test_probe_reads_timm_export_as_model_init(tmp_path, small_vae_dir):
     """`model.init=OUT_TIMM`: the exported encoder transfers into a classifier exactly as the usp weights do."""
-    from usp.models.transfer import load_state_dict_file, transfer_weights
+    from usp.models.transfer import transfer_weights
+    from usp.run.weights import load_weights
 
     state = _encoder_state("vit_t_1", "pretrain")
     weights = write_run(tmp_path, "vit_t_1", "pretrain", ["latent.space=small-f4", f"latent.path={small_vae_dir}"],
@@ -296,8 +292,8 @@ def test_probe_reads_timm_export_as_model_init(tmp_path, small_vae_dir):
     out, _ = export(weights, "timm", tmp_path / "timm")
     a, b = (create_model("vit_t_1_cls", latent_size=8, in_channels=C, num_classes=10, global_pool=False)
             for _ in range(2))
-    transfer_weights(load_state_dict_file(weights), a)
-    report = transfer_weights(load_state_dict_file(out), b)
+    transfer_weights(load_weights(weights)[0], a)
+    report = transfer_weights(load_weights(out)[0], b)
     assert "head.weight" in report.newly_initialised
     for key in ("blocks.3.attn.qkv.weight", "pos_embed", "cls_token", "norm.weight"):
         assert torch.equal(a.state_dict()[key], b.state_dict()[key])
@@ -355,7 +351,7 @@ def test_bad_inputs_are_one_clear_error(tmp_path, small_vae_dir):
                     _encoder_state("vit_t_1", "pretrain"))
     with pytest.raises(ValueError, match="which --to diffusers cannot hold.*--to timm or --to hub"):
         export(vit, "diffusers", tmp_path / "e")
-    from usp.train.tasks.generation import build_generator
+    from usp.sample.run import build_generator
 
     resized = build_generator(config_from_dict({}, ["run.task=finetune", "model.name=dit_t_1", "data.image_size=32",
                                                     "data.source=fashion_mnist", "model.num_classes=10",

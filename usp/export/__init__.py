@@ -6,8 +6,9 @@
 
 Only `weights_*.safetensors` files a usp run wrote are exported: their metadata carries the recipe that says
 which network, latent space and objective the tensors belong to. `OUT` must not exist yet; it is written in a
-temporary folder beside it and renamed when complete. May import: config, models, latent, data, train (the
-weights and log readers, the generator builder); `usp.sample.run` reads diffusers folders through diffusers.py.
+temporary folder beside it and renamed when complete. May import: config, run (the weights and log readers),
+models, data, latent, sample (the generator builder). Reading a diffusers folder back is `usp.sample.diffusers`;
+the key mapping both use is `usp.models.diffusers`.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ def read_run_weights(path: str | Path):
     """(weights, metadata, Config, family) of a usp weights file; one clear error for anything else."""
     from usp.config import config_from_dict
     from usp.models import model_entry
-    from usp.models.transfer import resolve_checkpoint
-    from usp.train.checkpoint import load_weights
+    from usp.run.weights import load_weights, resolve_weights
 
-    path = resolve_checkpoint(path)
+    path = resolve_weights(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path} is not a usp weights file: export reads the weights_*.safetensors a usp run wrote "
                          "(runs/<name>/checkpoints/); a public .pt checkpoint has no recipe to export with")
@@ -56,8 +56,8 @@ def class_names(config) -> list[str] | None:
 
 def build_run_generator(weights, config):
     """The run's DiT/SiT with its weights loaded (REPA projectors are not in a weights file)."""
-    from usp.train.checkpoint import load_strict
-    from usp.train.tasks.generation import build_generator
+    from usp.run.weights import load_strict
+    from usp.sample.run import build_generator
 
     model = build_generator(config)
     load_strict(model, weights, config.model.name)

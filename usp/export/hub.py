@@ -22,7 +22,7 @@ TASK_TAGS = {"pretrain": ["masked-latent-modeling", "feature-extraction"], "prob
 
 def write_hub(weights, meta, config, family: str, out: Path, class_names: list[str] | None, license: str,
               source: Path) -> list[str]:
-    from usp.models.transfer import resolve_checkpoint
+    from usp.run.weights import resolve_weights
 
     if family in ("dit", "sit"):
         from usp.export import build_run_generator
@@ -37,7 +37,7 @@ def write_hub(weights, meta, config, family: str, out: Path, class_names: list[s
 
         write_timm(weights, config, family, out, class_names)
         notes = []
-    source = resolve_checkpoint(source)
+    source = resolve_weights(source)
     (out / "usp").mkdir()
     shutil.copyfile(source, out / "usp" / "weights.safetensors")
     (out / "usp" / "recipe.yaml").write_text(config.to_yaml())
@@ -65,7 +65,7 @@ def _metadata(config, family: str, license: str, in_diffusers: bool) -> str:
 
 def _metrics(run_dir: Path, config) -> list[str]:
     """One table row per metric the run logged (its last value and step) with the setting that produced it."""
-    from usp.train.log import read_log
+    from usp.run.log import read_log
 
     train, evals = read_log(run_dir)
     lines = []

@@ -1,5 +1,6 @@
-"""`usp sample`: load a generator (ours, a public DiT/SiT checkpoint, or USP's fine-tuned weights), draw
-class-conditional samples sharded across torchrun ranks, write ADM's NPZ and a PNG grid."""
+"""`usp sample`: the generator of a recipe (`build_generator`, also what generation training trains), loaded
+from weights (ours, a public DiT/SiT checkpoint, or USP's fine-tuned weights); class-conditional samples
+sharded across torchrun ranks, written as ADM's NPZ and a PNG grid. Imports no training code."""
 
 from __future__ import annotations
 
@@ -8,13 +9,21 @@ from pathlib import Path
 import torch
 
 from usp.config import Config, config_from_dict
-from usp.latent.vae import LatentSpace
+from usp.latent.vae import LatentSpace, spec_of
+from usp.models import create_model
 from usp.models.dit import DiT
-from usp.models.transfer import load_state_dict_file
+from usp.run.runtime import setup_runtime
+from usp.run.weights import load_strict, load_weights
 from usp.sample.guided import sample_sharded, save_grid
-from usp.train.checkpoint import load_strict, load_weights
-from usp.train.engine import setup_runtime
-from usp.train.tasks.generation import build_generator
+
+
+def build_generator(config: Config) -> DiT:
+    """The registered DiT/SiT of model.name, sized for the recipe's latent space and image size."""
+    spec = spec_of(config.latent.space)
+    return create_model(config.model.name, ("dit", "sit"), input_size=config.data.image_size // spec.factor,
+                        in_channels=spec.channels, num_classes=config.model.num_classes,
+                        class_dropout_prob=config.model.class_dropout, learn_sigma=config.generation.learn_sigma,
+                        affine_norms=config.model.affine_norms)
 
 
 def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model_name: str | None = None
@@ -22,11 +31,11 @@ def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model
     """Our `weights_*.safetensors` carry their recipe; anything else (a public DiT/SiT `.pt`, USP's
     fine-tuned weights) needs `model_name` and recipe overrides for the latent space and sizes."""
     path = Path(weights)
-    if path.is_dir():  # an exported or public diffusers folder
-        from usp.export.diffusers import load_diffusers_generator
+    if path.is_dir():  # an exported or public diffusers folder (resolve_weights returns it as is)
+        from usp.sample.diffusers import load_diffusers_generator
 
         return load_diffusers_generator(path, overrides, model_name)
-    meta = load_weights(path)[1] if path.suffix == ".safetensors" else {}
+    state, meta = load_weights(path)  # read once: the weights and, for ours, the recipe they were trained with
     if meta.get("config"):
         if meta.get("task") != "finetune":
             raise ValueError(f"{path} holds {meta.get('task')} weights; sampling needs a `usp finetune` checkpoint")
@@ -41,7 +50,6 @@ def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model
         method = {"generation": {"method": "transport", "sampler": "ode"}} if model_name.startswith("sit") else {}
         config = config_from_dict(method, [*overrides, f"model.name={model_name}"])
     model = build_generator(config)
-    state = load_weights(path)[0] if path.suffix == ".safetensors" else load_state_dict_file(path)
     load_strict(model, state, str(path))
     return model.eval(), config
 
