@@ -156,6 +156,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from usp.export import export
+
+    out, notes = export(args.weights, args.to, args.out, license=args.license)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usp", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or USP_DEBUG=1)")
@@ -275,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--num-images", type=int, default=8)
     arg("--mask-ratio", type=float, default=0.75)
     arg("--seed", type=int, default=0)
+
+    arg = command("export", cmd_export, "weights -> a diffusers, timm or Hub folder (with a model card); no upload",
+                  "usp export runs/fmnist-sit-usp --to hub sit_hub   # diffusers / timm folder + README.md model card")
+    arg("weights", help="weights_*.safetensors of a usp run, or its run folder (the latest)")
+    arg("--to", required=True, choices=("diffusers", "timm", "hub"),
+        help="diffusers: DiT -> DiTPipeline folder, SiT -> transformer + scheduler; timm: a USP encoder (pretrain, "
+             "probe, classify) -> VisionTransformer; hub: either, plus the usp weights, recipe and model card")
+    arg("out", help="the new folder to write")
+    arg("--license", default="other", help="the model card's license metadata (default: other)")
     parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
     return parser
 

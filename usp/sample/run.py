@@ -31,6 +31,10 @@ def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model
     """Our `weights_*.safetensors` carry their recipe; anything else (a public DiT/SiT `.pt`, USP's
     fine-tuned weights) needs `model_name` and recipe overrides for the latent space and sizes."""
     path = Path(weights)
+    if path.is_dir():  # an exported or public diffusers folder (resolve_weights returns it as is)
+        from usp.sample.diffusers import load_diffusers_generator
+
+        return load_diffusers_generator(path, overrides, model_name)
     state, meta = load_weights(path)  # read once: the weights and, for ours, the recipe they were trained with
     if meta.get("config"):
         if meta.get("task") != "finetune":
