@@ -24,13 +24,15 @@ SNAPSHOT = Path(__file__).parent / "snapshots" / "registry.json"
 NAMES = list_models()
 LATENT = dict(size=8, channels=4)  # 8x8x4 latents: every patch size (1, 2, 4, 8) divides 8
 FULL_SIZE_INPUT = {"vit": dict(latent_size=32, in_channels=4), "vit_cls": dict(latent_size=32, in_channels=4),
-                   "dit": dict(input_size=32, in_channels=4), "sit": dict(input_size=32, in_channels=4)}
+                   "dit": dict(input_size=32, in_channels=4), "sit": dict(input_size=32, in_channels=4),
+                   "lightningdit": dict(input_size=16, in_channels=32)}  # LightningDiT's VA-VAE f16d32 input
+GENERATORS = ("dit", "sit", "lightningdit")
 
 
 def tiny(name: str, depth: int = 2, **overrides) -> torch.nn.Module:
     family = model_entry(name).family
-    size = {"input_size": LATENT["size"]} if family in ("dit", "sit") else {"latent_size": LATENT["size"]}
-    if family in ("dit", "sit"):
+    size = {"input_size": LATENT["size"]} if family in GENERATORS else {"latent_size": LATENT["size"]}
+    if family in GENERATORS:
         overrides.setdefault("num_classes", 10)
     if family == "vit_cls":
         overrides.setdefault("num_classes", 10)
@@ -56,8 +58,8 @@ def full_size_layout(name: str) -> dict[str, object]:
 
 def test_registry_counts_every_family_and_size():
     families = {entry.family for entry in REGISTRY.values()}
-    assert families == {"vit", "vit_cls", "dit", "sit"}
-    assert len(NAMES) == len(SIZES) * (3 + 3 + 4 + 4) == 70
+    assert families == {"vit", "vit_cls", "dit", "sit", "lightningdit"}
+    assert len(NAMES) == len(SIZES) * (3 + 3 + 4 + 4) + 4 * 2 == 78  # LightningDiT: sizes t, b, l, xl; patch 1, 2
     assert {"vit_b_2", "vit_b_2_cls", "dit_xl_2", "sit_xl_2", "vit_b_1"} <= set(NAMES)
     assert classifier_for("vit_l_2") == "vit_l_2_cls" and classifier_for("vit_l_2_cls") == "vit_l_2_cls"
     with pytest.raises(ValueError, match="not a registered vit/vit_cls model; choose one of: vit_t_1"):
@@ -77,7 +79,7 @@ def test_forward_backward_finite(name):
         loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([1, 7]))
     else:
         out = model(x, torch.tensor([10.0, 500.0]), torch.tensor([3, 9]))
-        assert out.shape[1] == (8 if family == "dit" else 4)  # DiT returns the sigma channels, SiT does not
+        assert out.shape[1] == (8 if family == "dit" else 4)  # DiT returns the sigma channels, SiT/LightningDiT not
         loss = out.square().mean()
     loss.backward()
     assert torch.isfinite(loss)

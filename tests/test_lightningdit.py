@@ -1,0 +1,211 @@
+"""LightningDiT: RoPE by hand, RMSNorm and SwiGLU by their formulas, the official checkpoint layout, and the
+all-options-off network equal to SiT's (an independent reference for everything the options do not touch)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from usp.models import create_model
+from usp.models.lightningdit import RMSNorm, SwiGLU, apply_rope, rope_tables
+
+
+def tiny(**overrides) -> torch.nn.Module:
+    kwargs = dict(input_size=4, in_channels=6, depth=2, num_classes=10)
+    return create_model("lightningdit_t_1", **{**kwargs, **overrides})
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------
+
+
+def test_rope_on_a_2x2_grid_by_hand():
+    """head_dim 4: one frequency (ω = 1) per half; the first pair turns by the row, the second by the column."""
+    cos, sin = rope_tables(4, 2)
+    c1, s1 = math.cos(1.0), math.sin(1.0)
+    # tokens row-major: (r, c) = (0, 0), (0, 1), (1, 0), (1, 1); angles [r, r, c, c]
+    want_cos = torch.tensor([[1, 1, 1, 1], [1, 1, c1, c1], [c1, c1, 1, 1], [c1, c1, c1, c1]])
+    want_sin = torch.tensor([[0, 0, 0, 0], [0, 0, s1, s1], [s1, s1, 0, 0], [s1, s1, s1, s1]])
+    torch.testing.assert_close(cos, want_cos, rtol=0, atol=1e-7)
+    torch.testing.assert_close(sin, want_sin, rtol=0, atol=1e-7)
+
+    q = torch.tensor([1.0, 2.0, 3.0, 4.0]).expand(1, 1, 4, 4)  # (N, heads, L, head_dim), the same q everywhere
+    out = apply_rope(q, cos, sin)[0, 0]  # (L, 4)
+    rot = lambda a, b, angle: [a * math.cos(angle) - b * math.sin(angle), b * math.cos(angle) + a * math.sin(angle)]  # noqa: E731
+    want = torch.tensor([rot(1, 2, r) + rot(3, 4, c) for r in (0, 1) for c in (0, 1)])
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+
+
+def test_rope_frequencies_of_a_wider_head_by_hand():
+    """head_dim 8: per half the frequencies 1 and 10000^(-2/4) = 1/100, each on an adjacent pair."""
+    cos, _ = rope_tables(8, 3)
+    r, c = 2, 1  # token 2·3 + 1 = 7
+    angles = torch.tensor([r, r, r / 100, r / 100, c, c, c / 100, c / 100], dtype=torch.float64)
+    torch.testing.assert_close(cos[7].double(), angles.cos(), rtol=0, atol=1e-6)
+
+
+def test_rope_scores_depend_only_on_the_offset():
+    """⟨R(p)q, R(p')k⟩ = ⟨R(p+δ)q, R(p'+δ)k⟩: the invariant RoPE exists for, on rows and on columns."""
+    torch.manual_seed(0)
+    grid, head_dim = 5, 16
+    cos, sin = rope_tables(head_dim, grid)
+    q, k = torch.randn(head_dim), torch.randn(head_dim)
+
+    def score(p, p2):
+        i, j = p[0] * grid + p[1], p2[0] * grid + p2[1]
+        rq = apply_rope(q.view(1, 1, 1, -1), cos[i : i + 1], sin[i : i + 1]).flatten()
+        rk = apply_rope(k.view(1, 1, 1, -1), cos[j : j + 1], sin[j : j + 1]).flatten()
+        return torch.dot(rq, rk)
+
+    torch.testing.assert_close(score((0, 1), (2, 3)), score((2, 2), (4, 4)), rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(score((0, 1), (2, 3)), score((0, 1), (3, 2)))  # rows and columns are told apart
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm, SwiGLU
+# --------------------------------------------------------------------------------------------
+
+
+def test_rmsnorm_and_swiglu_by_their_formulas():
+    norm = RMSNorm(3)
+    norm.weight.data = torch.tensor([1.0, 2.0, 0.5])
+    x = torch.tensor([[3.0, -4.0, 0.0]])
+    rms = math.sqrt((9 + 16) / 3 + 1e-6)
+    torch.testing.assert_close(norm(x), torch.tensor([[3 / rms, -8 / rms, 0.0]]))
+
+    ffn = SwiGLU(2, 1)
+    with torch.no_grad():
+        ffn.w12.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # a = x0, b = x1
+        ffn.w12.bias.zero_()
+        ffn.w3.weight.fill_(2.0)
+        ffn.w3.bias.fill_(0.5)
+    x = torch.tensor([[1.5, -2.0]])
+    silu = 1.5 / (1 + math.exp(-1.5))
+    torch.testing.assert_close(ffn(x), torch.full((1, 2), 2 * silu * -2.0 + 0.5))
+
+
+# --------------------------------------------------------------------------------------------
+# Official layout
+# --------------------------------------------------------------------------------------------
+
+
+def official_layout(depth: int, width: int, heads: int, patch: int, channels: int, grid: int, classes: int,
+                    swiglu=True, rope=True, rmsnorm=True, qknorm=False, wo_shift=False) -> dict[str, tuple]:
+    """Keys and shapes of hustvl/LightningDiT models/lightningdit.py's state dict, written out from its modules."""
+    head = width // heads
+    hidden = int(2 / 3 * 4 * width)
+    shapes: dict[str, tuple] = {
+        "pos_embed": (1, grid * grid, width),
+        "x_embedder.proj.weight": (width, channels, patch, patch), "x_embedder.proj.bias": (width,),
+        "t_embedder.mlp.0.weight": (width, 256), "t_embedder.mlp.0.bias": (width,),
+        "t_embedder.mlp.2.weight": (width, width), "t_embedder.mlp.2.bias": (width,),
+        "y_embedder.embedding_table.weight": (classes + 1, width),
+        "final_layer.linear.weight": (patch * patch * channels, width),
+        "final_layer.linear.bias": (patch * patch * channels,),
+        "final_layer.adaLN_modulation.1.weight": (2 * width, width),
+        "final_layer.adaLN_modulation.1.bias": (2 * width,),
+    }
+    if rope:
+        shapes |= {"feat_rope.freqs_cos": (grid * grid, head), "feat_rope.freqs_sin": (grid * grid, head)}
+    if rmsnorm:
+        shapes["final_layer.norm_final.weight"] = (width,)
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes |= {b + "attn.qkv.weight": (3 * width, width), b + "attn.qkv.bias": (3 * width,),
+                   b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
+                   b + "adaLN_modulation.1.weight": ((4 if wo_shift else 6) * width, width),
+                   b + "adaLN_modulation.1.bias": ((4 if wo_shift else 6) * width,)}
+        if rmsnorm:
+            shapes |= {b + "norm1.weight": (width,), b + "norm2.weight": (width,)}
+        if qknorm:
+            for qk in ("q_norm", "k_norm"):
+                shapes |= {b + f"attn.{qk}.weight": (head,)} | ({} if rmsnorm else {b + f"attn.{qk}.bias": (head,)})
+        if swiglu:
+            shapes |= {b + "mlp.w12.weight": (2 * hidden, width), b + "mlp.w12.bias": (2 * hidden,),
+                       b + "mlp.w3.weight": (width, hidden), b + "mlp.w3.bias": (width,)}
+        else:
+            shapes |= {b + "mlp.fc1.weight": (4 * width, width), b + "mlp.fc1.bias": (4 * width,),
+                       b + "mlp.fc2.weight": (width, 4 * width), b + "mlp.fc2.bias": (width,)}
+    return shapes
+
+
+def test_lightningdit_xl_1_official_layout_loads_strictly():
+    """The released 64/800-epoch VA-VAE LightningDiT-XL/1 (SwiGLU, RoPE, RMSNorm; 16x16x32 latents), on meta tensors."""
+    shapes = official_layout(28, 1152, 16, 1, 32, 16, 1000)
+    assert len(shapes) == 351
+    state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    with torch.device("meta"):
+        model = create_model("lightningdit_xl_1", input_size=16, in_channels=32)
+    result = model.load_state_dict(state, strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    params = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("feat_rope"))  # the rest are buffers
+    assert params == sum(p.numel() for p in model.parameters()) and round(params / 1e6) == 675  # the paper's 675M
+    wrong = dict(state)
+    wrong["blocks.3.mlp.w3.weight"] = torch.empty(1152, 4608, device="meta")  # a GELU-sized hidden layer
+    with pytest.raises(RuntimeError, match="blocks.3.mlp.w3.weight"):
+        model.load_state_dict(wrong, strict=True, assign=True)
+
+
+@pytest.mark.parametrize("options", [dict(qknorm=True), dict(qknorm=True, rmsnorm=False), dict(wo_shift=True),
+                                     dict(swiglu=False, rope=False)], ids=str)
+def test_official_option_layouts_load_strictly(options):
+    names = dict(swiglu="use_swiglu", rope="use_rope", rmsnorm="use_rmsnorm", qknorm="use_qknorm", wo_shift="wo_shift")
+    shapes = official_layout(2, 128, 2, 2, 4, 4, 10, **options)
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    model = create_model("lightningdit_t_2", input_size=8, in_channels=4, depth=2, num_classes=10,
+                         **{names[k]: v for k, v in options.items()})
+    model.load_state_dict(state, strict=True)
+
+
+def test_the_rope_table_of_a_checkpoint_equals_the_built_one():
+    """The stored `feat_rope` buffers are fixed: a model's own table is the one rope_tables computes."""
+    model = tiny()
+    cos, sin = rope_tables(64, 4)
+    assert torch.equal(model.feat_rope.freqs_cos, cos) and torch.equal(model.feat_rope.freqs_sin, sin)
+
+
+# --------------------------------------------------------------------------------------------
+# Against SiT
+# --------------------------------------------------------------------------------------------
+
+
+def test_with_every_option_off_it_is_sit():
+    """No SwiGLU, RoPE, RMSNorm, qk-norm or shift removal: the DiT block, so SiT's weights give SiT's output."""
+    torch.manual_seed(0)
+    sit = create_model("sit_t_1", input_size=4, in_channels=6, depth=2, num_classes=10, learn_sigma=False)
+    with torch.no_grad():
+        for name, p in sit.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, 0.05)  # past the zero init, so every layer counts
+    light = tiny(use_swiglu=False, use_rope=False, use_rmsnorm=False)
+    light.load_state_dict(sit.state_dict(), strict=True)
+    x, t, y = torch.randn(3, 6, 4, 4), torch.rand(3), torch.tensor([0, 4, 10])
+    torch.testing.assert_close(light.eval()(x, t, y), sit.eval()(x, t, y), rtol=0, atol=0)
+    # and RoPE on changes the output (the tables reach the blocks)
+    light_rope = tiny(use_swiglu=False, use_rmsnorm=False)
+    light_rope.load_state_dict({**sit.state_dict(), **{f"feat_rope.{k}": v for k, v in
+                                                       light_rope.feat_rope.state_dict().items()}}, strict=True)
+    assert (light_rope.eval()(x, t, y) - sit(x, t, y)).abs().max() > 1e-4
+
+
+def test_guided_channels_at_or_past_k_are_the_conditional_output():
+    """forward_with_cfg guides channels < k; channels ≥ k of both halves are what the conditional half computed."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    with torch.no_grad():
+        for p in model.final_layer.parameters():
+            p.normal_(0, 0.1)  # a non-zero output
+        for block in model.blocks:
+            block.adaLN_modulation[1].weight.normal_(0, 0.1)
+    x, t = torch.randn(2, 6, 4, 4), torch.full((4,), 0.3)
+    y = torch.tensor([1, 2, 10, 10])
+    out = model.forward_with_cfg(torch.cat([x, x]), t, y, cfg_scale=4.0, guided_channels=3)
+    cond, uncond = model(x, t[:2], y[:2]), model(x, t[:2], y[2:])
+    torch.testing.assert_close(out[:2, 3:], cond[:, 3:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[2:, 3:], uncond[:, 3:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[:2, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]), rtol=1e-5, atol=1e-5)
+    assert (out[:2, :3] - cond[:, :3]).abs().max() > 1e-3
