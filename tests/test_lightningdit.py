@@ -209,3 +209,74 @@ def test_guided_channels_at_or_past_k_are_the_conditional_output():
     torch.testing.assert_close(out[2:, 3:], uncond[:, 3:], rtol=0, atol=1e-6)
     torch.testing.assert_close(out[:2, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]), rtol=1e-5, atol=1e-5)
     assert (out[:2, :3] - cond[:, :3]).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# USP pretraining in LightningDiT's shape, and its transfer
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_encoder(**overrides) -> torch.nn.Module:
+    kwargs = dict(latent_size=4, in_channels=6, depth=2, decoder_depth=1)
+    return create_model("vit_t_1_lightning", **{**kwargs, **overrides})
+
+
+def test_masked_rope_follows_the_kept_tokens_grid_positions():
+    """Keep the same 4 of 16 tokens in two different sequence orders: each kept token's encoding must be the same,
+    because its rotation is its grid position's, not its place in the shuffled sequence. The cls row turns by 0."""
+    torch.manual_seed(0)
+    model = tiny_encoder().eval()
+    x = torch.randn(1, 6, 4, 4)
+    kept = [5, 0, 14, 9]  # grid positions; small noise = kept (random_masking sorts the noise)
+    noise_a, noise_b = torch.rand(1, 16) + 1, torch.rand(1, 16) + 1
+    for rank, pos in enumerate(kept):
+        noise_a[0, pos], noise_b[0, pos] = rank / 10, (3 - rank) / 10  # the same set, reversed order
+    out_a, mask_a, restore_a = model.forward_encoder(x, 0.75, noise_a)
+    out_b, mask_b, restore_b = model.forward_encoder(x, 0.75, noise_b)
+    assert torch.equal(mask_a, mask_b) and sorted(torch.nonzero(mask_a[0] == 0).flatten().tolist()) == sorted(kept)
+    torch.testing.assert_close(out_a[0, 1:], out_b[0, 1:].flip(0), rtol=1e-5, atol=1e-6)  # per token, same encoding
+    torch.testing.assert_close(out_a[0, 0], out_b[0, 0], rtol=1e-5, atol=1e-6)  # cls sees the same set
+
+    cos, sin = model.kept_rope(restore_a, 4)  # (1, 1+4, head_dim)
+    table_cos, table_sin = rope_tables(64, 4)
+    assert torch.equal(cos[0, 1:], table_cos[kept]) and torch.equal(sin[0, 1:], table_sin[kept])
+    assert torch.equal(cos[0, 0], torch.ones(64)) and torch.equal(sin[0, 0], torch.zeros(64))
+
+
+def test_masked_rope_differs_from_sequence_order_rope():
+    """The check above has teeth: rotating by the sequence index instead of the grid position changes the output."""
+    torch.manual_seed(0)
+    model = tiny_encoder().eval()
+    x, noise = torch.randn(1, 6, 4, 4), torch.rand(1, 16)
+    out, _, restore = model.forward_encoder(x, 0.75, noise)
+    by_position = model.kept_rope
+    model.kept_rope = lambda ids, n: tuple(torch.cat([t[:1], t[1 : n + 1]])[None] for t in model.rope.tables())
+    wrong, _, _ = model.forward_encoder(x, 0.75, noise)
+    model.kept_rope = by_position
+    assert (out - wrong).abs().max() > 1e-3
+
+
+def test_lightning_encoder_transfers_every_block_parameter_into_lightningdit():
+    """vit_*_lightning -> lightningdit_*: blocks (RMSNorm weights, SwiGLU, qkv, proj), patch embedding and position
+    table load; the RoPE tables are the target's own (a function of its grid); the decoder is ignored."""
+    from usp.models.transfer import transfer_weights
+
+    torch.manual_seed(0)
+    source = tiny_encoder(latent_size=4).state_dict()
+    target = tiny()
+    report = transfer_weights(source, target)
+    state = target.state_dict()
+    for key in ("blocks.1.norm1.weight", "blocks.1.mlp.w12.weight", "blocks.0.mlp.w3.bias", "x_embedder.proj.weight"):
+        source_key = key.replace("x_embedder", "patch_embed")
+        assert key in report.loaded and torch.equal(state[key], source[source_key])
+    assert {"feat_rope.freqs_cos", "feat_rope.freqs_sin"} <= set(report.newly_initialised)
+    assert {"rope.freqs_cos", "norm.weight", "cls_token", "mask_token"} <= set(report.ignored)
+    assert not [k for k in report.newly_initialised if k.startswith("blocks.") and "adaLN" not in k]
+
+
+def test_a_plain_vit_encoder_into_lightningdit_names_the_missing_key():
+    from usp.models.transfer import transfer_weights
+
+    source = create_model("vit_t_1", latent_size=4, in_channels=6, depth=2, decoder_depth=1).state_dict()
+    with pytest.raises(ValueError, match=r"no 'blocks.0.mlp.w12.weight'.*vit_\*_lightning encoder"):
+        transfer_weights(source, tiny())

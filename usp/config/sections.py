@@ -68,6 +68,20 @@ class ModelConfig:
     # Seed of the initial weights (None: run.seed). Varying it alone, with data order, diffusion noise and sample
     # seeds held by run.seed, measures how much a result moves by the random init only (the demo's paired band).
     init_seed: int | None = None
+    # LightningDiT's block options, for lightningdit_* and the vit_*_lightning encoder (wo_shift: lightningdit_*
+    # only); null = the registry's, i.e. the released VA-VAE models' (SwiGLU, RoPE, RMSNorm on; qk-norm, wo_shift off).
+    use_swiglu: bool | None = None
+    use_rope: bool | None = None
+    use_rmsnorm: bool | None = None
+    use_qknorm: bool | None = None
+    wo_shift: bool | None = None
+
+    def block_options(self) -> dict[str, bool]:
+        """The LightningDiT options this recipe sets (the others keep the registry's defaults)."""
+        return {k: getattr(self, k) for k in LIGHTNING_OPTION_KEYS if getattr(self, k) is not None}
+
+
+LIGHTNING_OPTION_KEYS = ("use_swiglu", "use_rope", "use_rmsnorm", "use_qknorm", "wo_shift")
 
 
 @dataclass
@@ -269,6 +283,13 @@ class Config:
         if self.repa.enabled and self.repa.features == "cache" and not self.latent.cache:
             raise ValueError("repa.features=cache needs latent.cache (the tokens live beside the latents); set "
                              "repa.features=online to run the teacher on the training images")
+        options = self.model.block_options()
+        lightning = self.model.name.startswith("lightningdit_") or self.model.name.endswith("_lightning")
+        if options and not lightning:
+            raise ValueError(f"model.{', model.'.join(options)} applies to LightningDiT's blocks (lightningdit_*, "
+                             f"vit_*_lightning), not to model.name={self.model.name}; remove it or choose such a model")
+        if "wo_shift" in options and not self.model.name.startswith("lightningdit_"):
+            raise ValueError("model.wo_shift removes adaLN shifts, which only lightningdit_* has; remove it")
         if self.train.keep_last < 1:
             raise ValueError("train.keep_last must be at least 1 (the last good checkpoint is never deleted)")
         return self

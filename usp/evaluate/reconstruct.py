@@ -27,8 +27,9 @@ def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, 
     dc = config.data
     latent = LatentSpace.load(config.latent.space, config.latent.path)
     latent_size = latent.check_image_size(dc.image_size)
-    model = create_model(config.model.name, ("vit",), latent_size=latent_size, in_channels=latent.channels,
-                         norm_pix_loss=config.pretrain.norm_pix_loss)
+    model = create_model(config.model.name, ("vit", "vit_lightning"), latent_size=latent_size,
+                         in_channels=latent.channels, norm_pix_loss=config.pretrain.norm_pix_loss,
+                         **config.model.block_options())
     load_strict(model, state, str(weights))
     model.eval()
 

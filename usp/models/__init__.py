@@ -60,7 +60,11 @@ FAMILIES = {
     "dit": "DiT (adaLN-Zero, DDPM with learned sigma)",
     "sit": "SiT (DiT network, transport objective)",
     "lightningdit": "LightningDiT (SwiGLU, RMSNorm, 2-D RoPE; transport objective)",
+    "vit_lightning": "USP pretraining model whose encoder has LightningDiT's blocks (transfers into lightningdit_*)",
 }
+# The options LightningDiT's released VA-VAE models use (configs/lightningdit_xl_vavae_f16d32.yaml); the encoder of
+# vit_*_lightning uses the same, so that every block parameter has a counterpart.
+LIGHTNING_OPTIONS: dict[str, bool] = {"use_qknorm": False, "use_swiglu": True, "use_rope": True, "use_rmsnorm": True}
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,12 @@ def _pretraining_model(size: str, patch_size: int, **overrides) -> MaskedLatentA
     return MaskedLatentAutoencoder(**{**kwargs, **overrides})
 
 
+def _lightning_pretraining_model(size: str, patch_size: int, **overrides) -> MaskedLatentAutoencoder:
+    """overrides may name the block options (use_swiglu, ...) beside the constructor's arguments."""
+    options = {k: overrides.pop(k, v) for k, v in LIGHTNING_OPTIONS.items()}
+    return _pretraining_model(size, patch_size, block_options=options, **overrides)
+
+
 def _classifier(size: str, patch_size: int, **overrides) -> VisionTransformer:
     s = SIZES[size]
     kwargs = dict(patch_size=patch_size, embed_dim=s.width, depth=s.depth, num_heads=s.heads)
@@ -98,8 +108,8 @@ def _generator(family: str, size: str, patch_size: int, **overrides) -> DiT:
 
 def _lightningdit(size: str, patch_size: int, **overrides) -> LightningDiT:
     s = SIZES[size]
-    return LightningDiT(**{**dict(hidden_size=s.width, depth=s.depth, num_heads=s.heads, patch_size=patch_size),
-                           **overrides})
+    kwargs = dict(hidden_size=s.width, depth=s.depth, num_heads=s.heads, patch_size=patch_size, **LIGHTNING_OPTIONS)
+    return LightningDiT(**{**kwargs, **overrides})
 
 
 def _entries() -> dict[str, ModelEntry]:
@@ -117,6 +127,8 @@ def _entries() -> dict[str, ModelEntry]:
     for size in LIGHTNING_SIZES:
         entries += [ModelEntry(f"lightningdit_{size}_{p}", "lightningdit", size, p, partial(_lightningdit, size, p))
                     for p in LIGHTNING_PATCH_SIZES]
+        entries += [ModelEntry(f"vit_{size}_{p}_lightning", "vit_lightning", size, p,
+                               partial(_lightning_pretraining_model, size, p)) for p in LIGHTNING_PATCH_SIZES]
     return {entry.name: entry for entry in entries}
 
 
@@ -124,7 +136,7 @@ REGISTRY: dict[str, ModelEntry] = _entries()
 
 
 def list_models(family: str | None = None) -> list[str]:
-    """Registered names, optionally of one family (vit, vit_cls, dit, sit, lightningdit)."""
+    """Registered names, optionally of one family (vit, vit_cls, dit, sit, lightningdit, vit_lightning)."""
     return [name for name, entry in REGISTRY.items() if family is None or entry.family == family]
 
 

@@ -35,6 +35,8 @@ def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model
                              "such as data.image_size=256 model.affine_norms=true for USP's fine-tuned weights")
         # SiT's defaults sit under the overrides (a layer of their own), so a generation.preset given there wins
         method = {"generation": {"method": "transport", "sampler": "ode"}} if model_name.startswith("sit") else {}
+        if model_name.startswith("lightningdit"):  # velocity only: LightningDiT's checkpoints have no sigma channels
+            method = {"generation": {"method": "transport", "sampler": "ode", "learn_sigma": False}}
         config = config_from_dict(method, [*overrides, f"model.name={model_name}"])
     model = build_generator(config)
     state = load_weights(path)[0] if path.suffix == ".safetensors" else load_state_dict_file(path)

@@ -11,17 +11,24 @@ import torch.nn as nn
 from usp.config import Config
 from usp.latent.data import LatentData
 from usp.latent.vae import LatentSpace, spec_of
-from usp.models import create_model
+from usp.models import create_model, model_entry
 from usp.models.dit import DiT
+
+GENERATOR_FAMILIES = ("dit", "sit", "lightningdit")
 
 
 def build_generator(config: Config) -> DiT:
-    """The registered DiT/SiT of model.name, sized for the recipe's latent space and image size."""
+    """The registered DiT/SiT/LightningDiT of model.name, sized for the recipe's latent space and image size."""
     spec = spec_of(config.latent.space)
-    return create_model(config.model.name, ("dit", "sit"), input_size=config.data.image_size // spec.factor,
+    lightning = model_entry(config.model.name, GENERATOR_FAMILIES).family == "lightningdit"
+    if lightning and config.model.affine_norms:
+        raise ValueError("model.affine_norms is USP's DiT/SiT block; LightningDiT's norms are learnable with "
+                         "model.use_rmsnorm (its default): remove model.affine_norms")
+    block = config.model.block_options() if lightning else {"affine_norms": config.model.affine_norms}
+    return create_model(config.model.name, GENERATOR_FAMILIES, input_size=config.data.image_size // spec.factor,
                         in_channels=spec.channels, num_classes=config.model.num_classes,
                         class_dropout_prob=config.model.class_dropout, learn_sigma=config.generation.learn_sigma,
-                        affine_norms=config.model.affine_norms)
+                        **block)
 
 
 class GenerationTask:
