@@ -140,7 +140,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
     folder = args.out or lc.cache
     if folder is None:
         raise SystemExit("error: give --out DIR or set latent.cache in the recipe")
-    latent = LatentSpace.load(lc.space, lc.path)
+    latent = LatentSpace.load(lc.space, lc.path, cache=folder)
     latent.check_image_size(dc.image_size)
     # The ADM centre crop as DiT trains; the flip is stored beside each image.
     transform = build_transform(dc.image_size, cache_crop(dc.source), hflip=False, normalize=dc.normalize)

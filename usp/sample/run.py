@@ -50,7 +50,7 @@ def run_sampling(weights: str | Path, overrides: list[str] | tuple = (), out_dir
     model, config = load_generator(weights, overrides, model_name)
     runtime = setup_runtime(config.run.device)
     model.to(runtime.device)
-    latent = LatentSpace.load(config.latent.space, config.latent.path).to(runtime.device)
+    latent = LatentSpace.load(config.latent.space, config.latent.path, cache=config.latent.cache).to(runtime.device)
     side = latent.check_image_size(config.data.image_size)
     out = Path(out_dir) if out_dir else Path(weights).parent.parent / f"samples_{num_samples}"
     npz = sample_sharded(model, latent.decode, config.generation, out, num_samples, seed, config.model.num_classes,

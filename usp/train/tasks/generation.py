@@ -150,7 +150,8 @@ class GenerationTask:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self._decoder is None:
-            self._decoder = LatentSpace.load(self.config.latent.space, self.config.latent.path)
+            self._decoder = LatentSpace.load(self.config.latent.space, self.config.latent.path,
+                                             cache=self.config.latent.cache)
         self._decoder.to(latents.device)
         return self._decoder.decode(latents)
 
