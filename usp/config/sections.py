@@ -102,7 +102,7 @@ class GenerationConfig:
     train_eps: float | None = None
     sample_eps: float | None = None
     sampler: Literal["ddpm", "ddim", "ode", "sde"] = "ddpm"  # ddpm | ddim (method ddpm); ode | sde (transport)
-    sample_steps: str = "250"  # ddpm/ddim respacing ("250", "ddim50"); ode: "dopri5" or a step count for euler/heun
+    sample_steps: str = "250"  # ddpm/ddim respacing ("250", "ddim50"); ode: Euler/Heun steps (dopri5: ignored)
     ode_method: Literal["dopri5", "euler", "heun"] = "dopri5"
     cfg_scale: float = 4.0
     guided_channels: int | None = 3  # public DiT guides the first 3 channels; None = all channels
@@ -121,6 +121,10 @@ class GenerationConfig:
     # A published sampling setting (GENERATION_PRESETS); it fills the generation keys that the recipe file or the
     # override list naming it does not set (see apply_generation_preset).
     preset: Literal["none", "dit", "repa"] = "none"
+    # The time the network is trained and sampled in (usp.diffusion.time): sit (t = 0 noise, 1 data; usp's own) or
+    # repa (t = 0 data, 1 noise, velocity sign flipped: REPA's checkpoints). A property of the weights, so no
+    # sampling preset sets it. Transport only.
+    time: Literal["sit", "repa"] = "sit"
 
 
 # What each `generation.preset` sets. dit: DiT's FID-50K setting (Peebles & Xie 2023, Table 4 / sample_ddp.py:
@@ -246,6 +250,9 @@ class Config:
                              f"{self.generation.sampler}, which a generation.method={self.generation.method} model "
                              f"cannot use ({', '.join(samplers)}): choose the other preset, or preset none")
         _choice("generation.sampler", self.generation.sampler, samplers)
+        if self.generation.time != "sit" and self.generation.method != "transport":
+            raise ValueError(f"generation.time={self.generation.time} is a transport time convention; "
+                             "generation.method=ddpm counts DDPM steps: remove generation.time")
         interval = self.generation.guidance_interval
         if interval is not None and not 0.0 <= interval[0] <= interval[1] <= 1.0:
             raise ValueError(f"generation.guidance_interval must be [low, high] with 0 <= low <= high <= 1 (noise "

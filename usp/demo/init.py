@@ -159,7 +159,7 @@ def build_recipes(scan: ScanReport, plan: Plan, exclude: Path | None) -> dict[st
                               "cfg_scale": 2.0, "guided_channels": None}
             else:
                 generation = {"method": "transport", "learn_sigma": True, "path": "linear", "prediction": "velocity",
-                              "sampler": "ode", "ode_method": "heun", "sample_steps": "6", "cfg_scale": 2.0,
+                              "sampler": "ode", "ode_method": "heun", "sample_steps": "5", "cfg_scale": 2.0,
                               "guided_channels": None}
             generation.update({"eval_samples": 0, "grid_classes": min(10, p.num_classes), "grid_per_class": 4})
             whence = ("initialised from the USP encoder (model.init: the pretraining run folder, its latest weights)"

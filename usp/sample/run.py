@@ -10,6 +10,7 @@ import torch
 from usp.config import Config, config_from_dict
 from usp.latent.vae import LatentSpace
 from usp.models.dit import DiT
+from usp.models.repa import strip_projectors
 from usp.models.transfer import load_state_dict_file
 from usp.sample.guided import sample_sharded, save_grid
 from usp.train.checkpoint import load_strict, load_weights
@@ -40,7 +41,7 @@ def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model
         config = config_from_dict(method, [*overrides, f"model.name={model_name}"])
     model = build_generator(config)
     state = load_weights(path)[0] if path.suffix == ".safetensors" else load_state_dict_file(path)
-    load_strict(model, state, str(path))
+    load_strict(model, strip_projectors(state), str(path))  # REPA's projector is a training-time head
     return model.eval(), config
 
 
