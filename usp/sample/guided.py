@@ -69,7 +69,8 @@ def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_c
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"guidance interval must be [low, high] with 0 <= low <= high <= 1, got {interval}")
     null = torch.full_like(labels, model.null_label) if cfg_scale > 1.0 else None
-    net, net_cfg = in_sit_time(model, time), in_sit_time(model.forward_with_cfg, time)
+    net = in_sit_time(model, time)
+    net_cfg = in_sit_time(model.forward_with_cfg, time) if null is not None else None
 
     def cfg(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_null: torch.Tensor) -> torch.Tensor:
         return net_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale,
@@ -139,7 +140,8 @@ def sample_latents(model: DiT, gen: GenerationConfig, labels: torch.Tensor, seed
     # sample_steps counts Euler/Heun steps (REPA's num_steps); sample_ode, as SiT's, counts the grid's points, one
     # more. (SiT's and LightningDiT's "250" is 250 points = 249 steps: their grids are sample_steps 249 here.)
     steps = 49 if gen.ode_method == "dopri5" or not gen.sample_steps.isdigit() else int(gen.sample_steps)
-    return sample_ode(transport, model_fn, noise, method=gen.ode_method, num_steps=steps + 1)[0]
+    return sample_ode(transport, model_fn, noise, method=gen.ode_method, num_steps=steps + 1,
+                      timestep_shift=gen.timestep_shift)[0]
 
 
 def sample_images(model: DiT, decode: Callable[[torch.Tensor], torch.Tensor], gen: GenerationConfig,

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from usp.config import Config
+from usp.diffusion.lightning import sample_t
 from usp.diffusion.time import in_sit_time
 from usp.latent.data import LatentData
 from usp.latent.vae import LatentSpace, spec_of
@@ -57,7 +58,8 @@ class GenerationTask:
         if gen.method == "ddpm":
             self.diffusion = create_diffusion(None, learn_sigma=gen.learn_sigma)
         else:
-            self.transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps)
+            self.transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps,
+                                              cosine_loss=gen.cosine_loss)
         self._decoder: LatentSpace | None = self.data.vae
         self._domain = None
         self.teacher = None
@@ -120,8 +122,7 @@ class GenerationTask:
         if self.config.generation.method == "ddpm":
             out["t"] = torch.randint(0, self.diffusion.num_timesteps, ())
         else:
-            t0, t1 = self.transport.interval()
-            out["t"] = t0 + (t1 - t0) * torch.rand(())
+            out["t"] = sample_t(*self.transport.interval(), self.config.generation.t_sampling)
         return out
 
     def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
