@@ -157,7 +157,11 @@ def test_presets_set_the_published_fields():
     repa = load_config(None, ["generation.method=transport", "generation.preset=repa"]).generation
     assert (repa.sampler, repa.sample_steps, repa.cfg_scale, repa.guided_channels, repa.guidance_interval) == \
         ("sde", "250", 1.8, None, (0.0, 0.7))
-    assert set(GENERATION_PRESETS) == {"none", "dit", "repa"}
+    lightning = load_config(None, ["generation.method=transport", "generation.preset=lightningdit"]).generation
+    assert (lightning.sampler, lightning.ode_method, lightning.sample_steps, lightning.timestep_shift,
+            lightning.cfg_scale, lightning.guided_channels, lightning.guidance_interval) == \
+        ("ode", "euler", "249", 0.3, 10.0, 3, (0.0, 0.9))
+    assert set(GENERATION_PRESETS) == {"none", "dit", "repa", "lightningdit"}
     assert _gen(load_config(None, ["generation.preset=none"])) == {**_gen(load_config(None)), "preset": "none"}
 
 
