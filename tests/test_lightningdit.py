@@ -280,3 +280,14 @@ def test_a_plain_vit_encoder_into_lightningdit_names_the_missing_key():
     source = create_model("vit_t_1", latent_size=4, in_channels=6, depth=2, decoder_depth=1).state_dict()
     with pytest.raises(ValueError, match=r"no 'blocks.0.mlp.w12.weight'.*vit_\*_lightning encoder"):
         transfer_weights(source, tiny())
+
+
+def test_flop_count_of_swiglu_matches_the_gelu_mlp_it_replaces():
+    """SwiGLU's hidden int(2/3·4D) keeps the 8·D² weights of the 4·D GELU MLP: LightningDiT-XL/1 and SiT-XL/1 count
+    the same FLOPs to 0.1 % (the rest of the block is the same)."""
+    from usp.train.flops import training_flops_per_sample
+
+    with torch.device("meta"):
+        light = create_model("lightningdit_xl_1", input_size=16, in_channels=32)
+        sit = create_model("sit_xl_1", input_size=16, in_channels=32, learn_sigma=False)
+    assert training_flops_per_sample(light) == pytest.approx(training_flops_per_sample(sit), rel=1e-3)
