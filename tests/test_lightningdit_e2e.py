@@ -50,3 +50,26 @@ def test_pretrain_transfer_finetune_and_sample_lightningdit(tiny_vae_dir, tmp_pa
                        batch_size=4)
     images = np.load(npz)["arr_0"]
     assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+
+
+def test_an_official_lightningdit_checkpoint_loads_for_sampling(tmp_path):
+    """LightningDiT's train.py saves {model, ema, opt, config}; `usp sample CKPT --model lightningdit_*` reads the EMA
+    strictly, without learned sigma, and samples with its preset."""
+    from usp.models import create_model
+    from usp.sample.guided import sample_latents
+    from usp.sample.run import load_generator
+
+    torch.manual_seed(0)
+    official = create_model("lightningdit_t_1", input_size=2, in_channels=8, num_classes=10)
+    ema = {k: v + 0.01 for k, v in official.state_dict().items()}
+    opt = torch.optim.AdamW(official.parameters(), lr=2e-4).state_dict()
+    torch.save({"model": official.state_dict(), "ema": ema, "opt": opt,
+                "config": {"model": {"model_type": "LightningDiT-T/1", "use_swiglu": True}}}, tmp_path / "0080000.pt")
+    model, config = load_generator(tmp_path / "0080000.pt", ["latent.space=small-f4", "data.image_size=8",
+                                                             "model.num_classes=10", "generation.preset=lightningdit",
+                                                             "generation.sample_steps=3"],
+                                   model_name="lightningdit_t_1")
+    assert torch.equal(model.state_dict()["blocks.0.mlp.w12.weight"], ema["blocks.0.mlp.w12.weight"])
+    assert config.generation.timestep_shift == 0.3 and not config.generation.learn_sigma
+    z = sample_latents(model, config.generation, torch.tensor([1, 2]), [0, 1], (8, 2, 2))
+    assert z.shape == (2, 8, 2, 2) and torch.isfinite(z).all()

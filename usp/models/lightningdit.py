@@ -246,7 +246,8 @@ class LightningDiT(DiT):
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.hidden_size, self.num_heads, self.affine_norms = hidden_size, num_heads, use_rmsnorm
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.affine_norms = use_rmsnorm  # learnable block norms (RMSNorm weights), as DiT's flag means
         self.learn_sigma, self.output_sigma = learn_sigma, output_sigma
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.grid_size = input_size // patch_size
