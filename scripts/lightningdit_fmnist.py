@@ -20,8 +20,9 @@ from usp.demo.pipeline import Arm, Demo
 
 class LightningEvidence(Demo):
     def pretrain_lightning(self) -> dict:
-        from usp.train.checkpoint import latest_weights
-        from usp.train.engine import read_log, train
+        from usp.run.checkpoint import latest_weights
+        from usp.run.log import read_log
+        from usp.train.engine import train
         from usp.train.tasks import build_task
 
         config = self.recipe("pretrain_lightning", *self.latent_overrides(),
@@ -59,7 +60,7 @@ def report(results: dict, out: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from usp.train.engine import read_log
+    from usp.run.log import read_log
 
     seeds = sorted({v["arm"]["seed"] for v in results.values() if isinstance(v, dict) and "arm" in v})
     lines = ["| seed | arm | FD (domain) | class agreement | loss (mean, last quarter) | wall time (load) |",

@@ -205,8 +205,7 @@ def test_an_interval_round_trips_through_a_stored_recipe():
 
 def test_a_preset_applies_to_a_public_sit_checkpoint(tmp_path):
     # A .pt without usp metadata gets SiT's method and ODE sampler as defaults; a preset on the command line wins.
-    from usp.sample.run import load_generator
-    from usp.train.tasks.generation import build_generator
+    from usp.sample.run import build_generator, load_generator
 
     sizes = ["data.image_size=32", "model.num_classes=10"]
     path = tmp_path / "sit.pt"

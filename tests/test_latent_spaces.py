@@ -346,7 +346,8 @@ def test_vavae_latents_cache_pretrain_and_sit_finetune(tiny_vavae, tmp_path):
 
     from usp.cli import main
     from usp.config import load_config
-    from usp.train import checkpoint as ckpt
+    from usp.run import checkpoint as ckpt
+    from usp.run.weights import load_weights
     from usp.train.engine import Runtime, train
     from usp.train.tasks import build_task
 
@@ -376,7 +377,7 @@ def test_vavae_latents_cache_pretrain_and_sit_finetune(tiny_vavae, tmp_path):
                                 "generation.grid_per_class=1", "optim.lr=1e-3", "optim.weight_decay=0.0"])
     task = build_task(config)
     assert task.latent_shape == (32, 4, 4) and task.model.x_embedder.proj.weight.shape[1] == 32
-    source, _ = ckpt.load_weights(weights)
+    source, _ = load_weights(weights)
     assert torch.equal(task.model.state_dict()["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
     result = train(config, task, cpu, resume=None)
     assert all(np.isfinite(r["loss"]) for r in result["history"])

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from usp.config import load_config
-from usp.train import checkpoint as ckpt
+from usp.run import checkpoint as ckpt
+from usp.run.weights import load_weights
 from usp.train.engine import Runtime, train
 from usp.train.tasks import build_task
 
@@ -26,7 +27,7 @@ def test_pretrain_transfer_finetune_and_sample_lightningdit(tiny_vae_dir, tmp_pa
     pre = load_config(FMNIST / "pretrain_lightning.yaml", tiny)
     train(pre, build_task(pre), CPU, resume=None)
     weights = ckpt.latest_weights(pre.run_dir / "checkpoints")
-    source, _ = ckpt.load_weights(weights)
+    source, _ = load_weights(weights)
     assert "blocks.0.mlp.w12.weight" in source and "rope.freqs_cos" in source
 
     config = load_config(FMNIST / "lightningdit_usp.yaml", [*tiny, f"model.init={weights}",

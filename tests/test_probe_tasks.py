@@ -13,7 +13,7 @@ from usp.data.images import FashionMNISTDataset, build_transform
 from usp.data.sampler import SeededDataset
 from usp.latent.cache import build_cache
 from usp.latent.vae import LatentSpace
-from usp.train import checkpoint as ckpt
+from usp.run import checkpoint as ckpt
 from usp.train.engine import Runtime, train
 from usp.train.tasks import build_task
 

@@ -17,6 +17,7 @@ from usp.config.loading import (
     recipes_dir,
     resolve_paths,
     save_config,
+    split_overrides,
 )
 from usp.config.sections import (
     GENERATION_PRESETS,
@@ -48,6 +49,7 @@ __all__ = [
     "read_recipe",
     "load_config",
     "save_config",
+    "split_overrides",
     "Task",
     "TASKS",
     "RunConfig",

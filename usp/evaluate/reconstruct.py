@@ -12,7 +12,7 @@ from usp.data.images import build_image_dataset, build_transform
 from usp.latent.vae import LatentSpace
 from usp.models import create_model
 from usp.models.vit import patchify, unpatchify
-from usp.train.checkpoint import load_strict, load_weights
+from usp.run.weights import load_strict, load_weights
 
 
 def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, mask_ratio: float = 0.75,

@@ -26,11 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 from usp import RunError
 from usp.config import Config, TrainConfig, save_config
 from usp.data.sampler import DataStream, ResumableSampler, SeededDataset
-from usp.train import checkpoint as ckpt
-from usp.train.checkpoint import RunLock
-from usp.train.dist import Runtime, autocast_dtype, barrier, mean_over_ranks, setup_runtime, wrap_model
+from usp.run import checkpoint as ckpt
+from usp.run.checkpoint import RunLock
+from usp.run.log import read_log
+from usp.run.runtime import Runtime, autocast_dtype, barrier, mean_over_ranks, setup_runtime, wrap_model
 from usp.train.flops import device_peak_flops, mfu, training_flops_per_sample
-from usp.train.log import RunLog, read_log
+from usp.train.log import RunLog
 from usp.train.optim import apply_lr, build_optimizer, lr_at, param_groups
 from usp.train.state import TrainState, update_ema
 

@@ -12,25 +12,8 @@ from usp.config import Config
 from usp.diffusion.lightning import sample_t
 from usp.diffusion.time import in_sit_time
 from usp.latent.data import LatentData
-from usp.latent.vae import LatentSpace, spec_of
-from usp.models import create_model, model_entry
-from usp.models.dit import DiT
-
-GENERATOR_FAMILIES = ("dit", "sit", "lightningdit")
-
-
-def build_generator(config: Config) -> DiT:
-    """The registered DiT/SiT/LightningDiT of model.name, sized for the recipe's latent space and image size."""
-    spec = spec_of(config.latent.space)
-    lightning = model_entry(config.model.name, GENERATOR_FAMILIES).family == "lightningdit"
-    if lightning and config.model.affine_norms:
-        raise ValueError("model.affine_norms is USP's DiT/SiT block; LightningDiT's norms are learnable with "
-                         "model.use_rmsnorm (its default): remove model.affine_norms")
-    block = config.model.block_options() if lightning else {"affine_norms": config.model.affine_norms}
-    return create_model(config.model.name, GENERATOR_FAMILIES, input_size=config.data.image_size // spec.factor,
-                        in_channels=spec.channels, num_classes=config.model.num_classes,
-                        class_dropout_prob=config.model.class_dropout, learn_sigma=config.generation.learn_sigma,
-                        **block)
+from usp.latent.vae import LatentSpace
+from usp.sample.run import build_generator
 
 
 class GenerationTask:
@@ -38,7 +21,8 @@ class GenerationTask:
 
     def __init__(self, config: Config):
         from usp.diffusion import create_diffusion, create_transport
-        from usp.models.transfer import load_state_dict_file, transfer_weights
+        from usp.models.transfer import transfer_weights
+        from usp.run.weights import load_weights
 
         self.config, gen = config, config.generation
         self.data = LatentData(config, config.data.split, augment=True, crop="adm_center")
@@ -48,7 +32,7 @@ class GenerationTask:
         self.model = build_generator(config)
         self.transfer_report = None
         if config.model.init:
-            self.transfer_report = transfer_weights(load_state_dict_file(config.model.init), self.model,
+            self.transfer_report = transfer_weights(load_weights(config.model.init)[0], self.model,
                                                     num_blocks=config.model.init_blocks,
                                                     interpolation=config.model.pos_interpolation)
             config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,14 +53,14 @@ class GenerationTask:
     def _setup_repa(self, config: Config) -> None:
         """REPA: the frozen teacher, the projector on the generator (after the USP transfer, which it is no part
         of), and the teacher tokens: cached beside the latents, or computed from the training images."""
-        from usp.latent.features import RepaFeatureDataset, recipe_features_dir
-        from usp.models.repa import attach_projectors, load_teacher
+        from usp.latent.features import RepaFeatureDataset, load_repa_teacher, recipe_features_dir
+        from usp.models.repa import attach_projectors
 
         rc = config.repa
         if rc.depth > self.model.depth:
             raise ValueError(f"repa.depth={rc.depth} but {config.model.name} has {self.model.depth} blocks; "
                              f"choose 1..{self.model.depth}")
-        self.teacher = load_teacher(rc.teacher, rc.teacher_weights, rc.teacher_size)
+        self.teacher = load_repa_teacher(rc.teacher, rc.teacher_weights, rc.teacher_size)
         self.repa_grid = self.model.grid_size
         if self.teacher.grid != self.repa_grid and os.environ.get("RANK", "0") == "0":
             print(f"repa: teacher {rc.teacher} gives a {self.teacher.grid}x{self.teacher.grid} token grid; its tokens "
