@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from usp import DiskFullError
+from usp.latent.stats import write_cache_stats
 from usp.latent.vae import LatentSpace, norm_fingerprint, scale_and_shift
 
 HEADER_BYTES = 4096
@@ -137,6 +138,7 @@ def build_cache(dataset: Dataset, latent: LatentSpace, image_size: int, folder: 
                              "delete it to rebuild")
         header = old
         if header["done"] == header["count"]:
+            write_cache_stats(path)  # per-channel statistics beside the cache (LightningDiT's), if not there yet
             return path
     try:
         _allocate(path, size)
@@ -169,6 +171,7 @@ def build_cache(dataset: Dataset, latent: LatentSpace, image_size: int, folder: 
         _write_header(path, header)
         bar.update(n)
     bar.close()
+    write_cache_stats(path)  # per-channel statistics beside the cache (LightningDiT's), if not there yet
     return path
 
 
@@ -221,7 +224,7 @@ def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
 
     lc, fingerprint, datasets = config.latent, None, []
     try:  # the statistics are small files (or constants): no VAE needs loading for them
-        norm = norm_fingerprint(*scale_and_shift(lc.space, lc.path))
+        norm = norm_fingerprint(*scale_and_shift(lc.space, lc.path, lc.cache))
     except (OSError, ValueError):
         norm = ""  # the task reading the cache needs them and names the missing file itself
     for split in splits:
@@ -234,7 +237,7 @@ def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
             continue
         if fingerprint is None:
             try:
-                fingerprint = vae_fingerprint(LatentSpace.load(lc.space, lc.path))
+                fingerprint = vae_fingerprint(LatentSpace.load(lc.space, lc.path, cache=lc.cache))
             except (OSError, ValueError) as err:  # pretraining on a cache needs no VAE: do not demand one here
                 logging.getLogger("usp").warning(f"warning: cannot load the recipe's VAE to check {path} against "
                                                  f"it ({' '.join(str(err).split())[:200]}); its VAE is unchecked")
@@ -275,7 +278,7 @@ def cache_recipe(config, splits: list[str], folder: str | Path | None = None, ba
         raise ValueError("no cache folder: give --out DIR or set latent.cache in the recipe")
     if device is None:
         device = "cuda" if torch.cuda.is_available() and config.run.device != "cpu" else "cpu"
-    latent = LatentSpace.load(lc.space, lc.path)
+    latent = LatentSpace.load(lc.space, lc.path, cache=folder)  # per-channel statistics: computed into the cache
     latent.check_image_size(dc.image_size)
     transform = build_transform(dc.image_size, cache_crop(dc.source), hflip=False, normalize=dc.normalize)
     made = {}

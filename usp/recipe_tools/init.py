@@ -40,7 +40,7 @@ BASES = {
 }
 # The evaluation sampler at this scale (the demo's): few steps, so a checkpoint is scored in seconds, not hours.
 SAMPLERS = {"dit": {"sampler": "ddim", "sample_steps": "ddim10"},
-            "sit": {"sampler": "ode", "ode_method": "heun", "sample_steps": "6"}}
+            "sit": {"sampler": "ode", "ode_method": "heun", "sample_steps": "5"}}
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 
 from usp.config import Config
+from usp.diffusion.lightning import sample_t
+from usp.diffusion.time import in_sit_time
 from usp.latent.data import LatentData
 from usp.latent.vae import LatentSpace
 from usp.sample.run import build_generator
@@ -40,7 +42,8 @@ class GenerationTask:
         if gen.method == "ddpm":
             self.diffusion = create_diffusion(None, learn_sigma=gen.learn_sigma)
         else:
-            self.transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps)
+            self.transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps,
+                                              cosine_loss=gen.cosine_loss)
         self._decoder: LatentSpace | None = self.data.vae
         self._domain = None
         self.teacher = None
@@ -103,25 +106,27 @@ class GenerationTask:
         if self.config.generation.method == "ddpm":
             out["t"] = torch.randint(0, self.diffusion.num_timesteps, ())
         else:
-            t0, t1 = self.transport.interval()
-            out["t"] = t0 + (t1 - t0) * torch.rand(())
+            out["t"] = sample_t(*self.transport.interval(), self.config.generation.t_sampling)
         return out
 
     def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         x, labels = self.data.latents(batch), batch["label"]
         objective = self.diffusion if self.config.generation.method == "ddpm" else self.transport
+        net = in_sit_time(model, self.config.generation.time)  # the objective speaks SiT time
         if self.teacher is None:
-            model_fn = lambda x_t, t: model(x_t, t, labels)  # noqa: E731
+            model_fn = lambda x_t, t: net(x_t, t, labels)  # noqa: E731
             losses = objective.training_losses(model_fn, x, t=batch["t"], noise=batch["noise"])
             return {key: value.mean() for key, value in losses.items()}
         from usp.models.repa import projection_loss
 
         hidden: list[torch.Tensor] = []
 
-        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out, h = model(x_t, t, labels, return_hidden=self.config.repa.depth)
+        def with_hidden(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out, h = model(x_t, t, y, return_hidden=self.config.repa.depth)
             hidden.append(h)  # (N, T, D) after block repa.depth, on the noisy input (REPA eq. 8)
             return out
+
+        model_fn = lambda x_t, t: in_sit_time(with_hidden, self.config.generation.time)(x_t, t, labels)  # noqa: E731
 
         losses = {key: value.mean() for key, value in objective.training_losses(
             model_fn, x, t=batch["t"], noise=batch["noise"]).items()}
@@ -134,7 +139,8 @@ class GenerationTask:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self._decoder is None:
-            self._decoder = LatentSpace.load(self.config.latent.space, self.config.latent.path)
+            self._decoder = LatentSpace.load(self.config.latent.space, self.config.latent.path,
+                                             cache=self.config.latent.cache)
         self._decoder.to(latents.device)
         return self._decoder.decode(latents)
 
