@@ -1,8 +1,9 @@
 """The package's shape: every module imports on its own (no import cycles), and the stages are layered.
 
 Layers, low to high: the package root (errors) and config; run (the run folder's formats); models, diffusion,
-data; latent; evaluate, sample; train; demo; cli. A module may import its own package and lower layers only
-(read from the source with `ast`, function-level imports included), with the exceptions in ALLOWED_UPWARD.
+data; latent; evaluate, sample; train, recipe_tools, export; demo; cli. A module may import its own package and
+lower layers only (read from the source with `ast`, function-level imports included), with the exceptions in
+ALLOWED_UPWARD.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ LAYER = {
     "usp.models": 2, "usp.diffusion": 2, "usp.data": 2,
     "usp.latent": 3,
     "usp.evaluate": 4, "usp.sample": 4,
-    "usp.train": 5,
+    "usp.train": 5, "usp.recipe_tools": 5, "usp.export": 5,
     "usp.demo": 6,
     "usp.cli": 7,
 }

@@ -162,7 +162,7 @@ def test_usp_probe_on_a_dit_checkpoint(generator, capsys, tmp_path):
     from usp.cli import main
 
     out = tmp_path / "backbone.json"
-    main(["probe", str(generator), "--blocks", "1", "3", "--noise-levels", "0", "0.5", "--out", str(out)])
+    main(["probe-backbone", str(generator), "--blocks", "1", "3", "--noise-levels", "0", "0.5", "--out", str(out)])
     result = json.loads(out.read_text())
     assert [(r["block"], r["noise_level"]) for r in result["rows"]] == [(1, 0.0), (1, 0.5), (3, 0.0), (3, 0.5)]
     assert all(0.0 <= r["logistic_top1"] <= 100.0 and 0.0 <= r["knn_top1"] <= 100.0 for r in result["rows"])
@@ -171,4 +171,4 @@ def test_usp_probe_on_a_dit_checkpoint(generator, capsys, tmp_path):
     assert result["protocol"]["train_images"] == 32
     assert "| 3 | 0.5 | 500 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["probe", str(generator), "--noise-levels", "1.5"])
+        main(["probe-backbone", str(generator), "--noise-levels", "1.5"])

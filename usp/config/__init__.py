@@ -19,6 +19,7 @@ from usp.config.loading import (
     recipes_dir,
     resolve_paths,
     save_config,
+    split_overrides,
 )
 from usp.config.sections import (
     GENERATION_PRESETS,
@@ -51,6 +52,7 @@ __all__ = [
     "read_recipe",
     "load_config",
     "save_config",
+    "split_overrides",
     "TaskName",
     "TASKS",
     "RunConfig",

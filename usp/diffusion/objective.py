@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from usp.diffusion.gaussian import Generators, create_diffusion, ddim_sample_loop, p_sample_loop
+from usp.diffusion.lightning import sample_t
 from usp.diffusion.transport import create_transport, sample_ode, sample_sde
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -89,8 +90,10 @@ class DDPMObjective:
 
 
 class TransportObjective:
-    """SiT's transport: time t ∈ [0, 1], t = 0 is noise, t = 1 is data. Trains with t ~ U[t0, t1] (the
-    transport's interval); samples by the probability-flow ODE or the SDE."""
+    """SiT's transport: time t ∈ [0, 1], t = 0 is noise, t = 1 is data. Trains with t in the transport's interval
+    [t0, t1], uniform (SiT) or logit-normal (LightningDiT, `t_sampling`), with the cosine velocity term if
+    `cosine_loss`; samples by the probability-flow ODE (its grid shifted by `timestep_shift`) or the SDE. A network
+    trained in REPA's time is wrapped by the caller (`usp.diffusion.time.in_sit_time`): this speaks SiT time."""
 
     name = "transport"
     samplers = ("ode", "sde")
@@ -100,12 +103,11 @@ class TransportObjective:
             raise ValueError(f"generation.sampler={gen.sampler} is not a transport sampler; use one of "
                              f"{', '.join(self.samplers)}")
         self.gen = gen
-        self.transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps)
+        self.transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps,
+                                          cosine_loss=gen.cosine_loss)
 
     def sample_t(self) -> Tensor:
-        # Uniform on the training interval (SiT); another time distribution would be chosen here.
-        t0, t1 = self.transport.interval()
-        return t0 + (t1 - t0) * torch.rand(())
+        return sample_t(*self.transport.interval(), self.gen.t_sampling)
 
     def training_losses(self, model_fn: ModelFn, x: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
         return self.transport.training_losses(model_fn, x, t=t, noise=noise)
@@ -127,8 +129,11 @@ class TransportObjective:
         if gen.sampler == "sde":
             return sample_sde(self.transport, model_fn, noise, num_steps=int(gen.sample_steps),
                               generator=generator)[0]
-        steps = 50 if gen.ode_method == "dopri5" or not gen.sample_steps.isdigit() else int(gen.sample_steps)
-        return sample_ode(self.transport, model_fn, noise, method=gen.ode_method, num_steps=steps)[0]
+        # sample_steps counts Euler/Heun steps (REPA's num_steps); sample_ode, as SiT's, counts the grid's points, one
+        # more. (SiT's and LightningDiT's "250" is 250 points = 249 steps: their grids are sample_steps 249 here.)
+        steps = 49 if gen.ode_method == "dopri5" or not gen.sample_steps.isdigit() else int(gen.sample_steps)
+        return sample_ode(self.transport, model_fn, noise, method=gen.ode_method, num_steps=steps + 1,
+                          timestep_shift=gen.timestep_shift)[0]
 
 
 OBJECTIVES: dict[str, type] = {"ddpm": DDPMObjective, "transport": TransportObjective}

@@ -6,7 +6,7 @@ May import: config, run (the weights and log readers), data, models, diffusion (
 the backbone probe), latent; never sample, train, demo or cli.
 """
 
-from usp.evaluate.domain import DomainEvaluator, domain_metrics, train_domain_classifier
+from usp.evaluate.domain import DomainEvaluator, domain_metrics, train_domain_classifier, train_domain_cnn
 from usp.evaluate.inception import InceptionFeatures, InceptionOutputs, resolve_weights, save_random_weights
 from usp.evaluate.metrics import (
     compute_statistics,
@@ -50,6 +50,7 @@ __all__ = [
     "resolve_weights",
     "save_random_weights",
     "train_domain_classifier",
+    "train_domain_cnn",
     "write_metrics_json",
     "write_reference_npz",
     "write_sample_npz",

@@ -35,7 +35,9 @@ from usp.models.vit import VisionTransformer, resize_pos_embed
 INTERPOLATIONS = ("bicubic", "bilinear")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # Parameters of an encoder block that a downstream block can take over (adaLN_modulation is DiT's own).
-_BLOCK_PARAMS = re.compile(r"^(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
+# LightningDiT's blocks add qk-norms and SwiGLU's w12/w3 (usp.models.lightningdit), transferred from its encoder block.
+_BLOCK_PARAMS = re.compile(
+    r"^(norm1|norm2|attn\.qkv|attn\.proj|attn\.q_norm|attn\.k_norm|mlp\.fc1|mlp\.fc2|mlp\.w12|mlp\.w3)\.(weight|bias)$")
 
 
 @dataclass
@@ -169,7 +171,9 @@ def transfer_weights(
     plan = _plan(target, list(state), num_blocks)
     for target_key, source_key in plan.items():
         if source_key not in source:
-            raise ValueError(f"source state has no {source_key!r} (needed for the target's {target_key!r})")
+            hint = ("; LightningDiT's SwiGLU/qk-norm blocks transfer from USP's vit_*_lightning encoder, not a plain "
+                    "ViT" if re.search(r"mlp\.w12|mlp\.w3|_norm\.", source_key) else "")
+            raise ValueError(f"source state has no {source_key!r} (needed for the target's {target_key!r}){hint}")
         _check_shape(target_key, source_key, source[source_key], state[target_key])
         state[target_key] = source[source_key]
         used.add(source_key)

@@ -52,11 +52,16 @@ def unwrap_state_dict(checkpoint: Mapping[str, object]) -> dict[str, torch.Tenso
 
 def resolve_weights(path: str | Path) -> Path:
     """A weights argument (model.init, `usp sample`/`reconstruct` weights) -> one file. Accepted: a file; a run
-    folder (its latest exported `checkpoints/weights_*.safetensors`); `RUN/latest`; a checkpoints folder.
+    folder (its latest exported `checkpoints/weights_*.safetensors`); `RUN/latest`; a checkpoints folder; an
+    exported timm folder (its model.safetensors) or diffusers folder (the folder itself, for `usp sample`).
     "Latest" is the highest step in the file name, as the engine names its checkpoints."""
     path = Path(path).expanduser()
     if path.is_file():
         return path
+    if (path / "transformer" / "config.json").is_file() or (path / "model_index.json").is_file():
+        return path  # a diffusers folder (`usp export --to diffusers`, a public DiT): usp.sample.diffusers reads it
+    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+        return path / "model.safetensors"  # a timm / Hub folder (`usp export --to timm`): timm's key names
     folder = path.parent if path.name == "latest" else path
     if not folder.is_dir():
         raise FileNotFoundError(f"weights {path} does not exist: give a weights file, a run folder or RUN/latest")
@@ -122,6 +127,9 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     The metadata is what a run wrote beside its weights (model name, task, recipe); {} for other files.
     """
     path = resolve_weights(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a diffusers folder: `usp sample {path}` reads it; model.init takes an encoder's "
+                         "weights (a usp weights file, a timm export, a public checkpoint)")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     if path.suffix in WEIGHTS_SUFFIXES:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from usp.config import GenerationConfig
 from usp.diffusion import build_objective
+from usp.diffusion.time import in_sit_time
 from usp.models.dit import DiT
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -32,9 +33,13 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_channels: int | None,
                     amp: torch.dtype | None = None, *, interval: tuple[float, float] | None = None,
-                    noise_level: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    noise_level: Callable[[torch.Tensor], torch.Tensor] | None = None, time: str = "sit",
                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """model_fn(x, t) for samplers: conditional on `labels`, with classifier-free guidance when scale ≠ 1.
+    """model_fn(x, t) for samplers: conditional on `labels`, with classifier-free guidance when scale > 1.
+
+    Guidance is off for cfg_scale ≤ 1, as in DiT's, SiT's, REPA's and LightningDiT's samplers (`using_cfg =
+    cfg_scale > 1`). time: the time the network was trained in ('sit' or 'repa', usp.diffusion.time); the sampler
+    always speaks SiT time, the wrapped network its own.
 
     interval: guide only the calls whose noise level `noise_level(t)` (the objective's map from the sampler's
     time, 1 = pure noise, 0 = data) lies in [low, high], both ends included (REPA's check); every other call
@@ -49,15 +54,17 @@ def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_c
             raise ValueError(f"guidance interval must be [low, high] with 0 <= low <= high <= 1, got {interval}")
         if noise_level is None:
             raise ValueError("a guidance interval needs the objective's noise_level (its time -> noise level map)")
-    null = torch.full_like(labels, model.null_label) if cfg_scale != 1.0 else None
+    null = torch.full_like(labels, model.null_label) if cfg_scale > 1.0 else None
+    net = in_sit_time(model, time)
+    net_cfg = in_sit_time(model.forward_with_cfg, time) if null is not None else None
 
     def cfg(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_null: torch.Tensor) -> torch.Tensor:
-        return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale,
-                                      guided_channels)[: x.shape[0]]
+        return net_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale,
+                       guided_channels)[: x.shape[0]]
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if null is None:
-            return model(x, t, labels)
+            return net(x, t, labels)
         if interval is None:
             return cfg(x, t, labels, null)
         level = noise_level(t)
@@ -66,10 +73,10 @@ def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_c
         if bool(inside.all()):
             return cfg(x, t, labels, null)
         if not bool(inside.any()):
-            return model(x, t, labels)
+            return net(x, t, labels)
         out = torch.empty((x.shape[0], model.num_output_channels, *x.shape[2:]), device=x.device, dtype=x.dtype)
         out[inside] = cfg(x[inside], t[inside], labels[inside], null[inside]).to(x.dtype)
-        out[~inside] = model(x[~inside], t[~inside], labels[~inside]).to(x.dtype)
+        out[~inside] = net(x[~inside], t[~inside], labels[~inside]).to(x.dtype)
         return out
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -108,7 +115,7 @@ def sample_latents(model: DiT, gen: GenerationConfig, labels: torch.Tensor, seed
     objective = build_objective(gen)
     model_fn = guided_model_fn(model, labels.to(device), gen.cfg_scale, gen.guided_channels,
                                amp_dtype(gen.amp, device), interval=gen.guidance_interval,
-                               noise_level=objective.noise_level)
+                               noise_level=objective.noise_level, time=gen.time)
     return objective.sample(model_fn, noise, generator=generators, progress=progress)
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from usp.config import Config
+from usp.diffusion.time import in_sit_time
 from usp.latent.data import LatentData
 from usp.latent.vae import LatentSpace
 from usp.sample.run import build_generator
@@ -102,18 +103,21 @@ class GenerationTask:
 
     def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         x, labels = self.data.latents(batch), batch["label"]
+        net = in_sit_time(model, self.config.generation.time)  # the objective speaks SiT time
         if self.teacher is None:
-            model_fn = lambda x_t, t: model(x_t, t, labels)  # noqa: E731
+            model_fn = lambda x_t, t: net(x_t, t, labels)  # noqa: E731
             losses = self.objective.training_losses(model_fn, x, t=batch["t"], noise=batch["noise"])
             return {key: value.mean() for key, value in losses.items()}
         from usp.models.repa import projection_loss
 
         hidden: list[torch.Tensor] = []
 
-        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out, h = model(x_t, t, labels, return_hidden=self.config.repa.depth)
+        def with_hidden(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out, h = model(x_t, t, y, return_hidden=self.config.repa.depth)
             hidden.append(h)  # (N, T, D) after block repa.depth, on the noisy input (REPA eq. 8)
             return out
+
+        model_fn = lambda x_t, t: in_sit_time(with_hidden, self.config.generation.time)(x_t, t, labels)  # noqa: E731
 
         losses = {key: value.mean() for key, value in self.objective.training_losses(
             model_fn, x, t=batch["t"], noise=batch["noise"]).items()}
@@ -126,7 +130,8 @@ class GenerationTask:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self._decoder is None:
-            self._decoder = LatentSpace.load(self.config.latent.space, self.config.latent.path)
+            self._decoder = LatentSpace.load(self.config.latent.space, self.config.latent.path,
+                                             cache=self.config.latent.cache)
         self._decoder.to(latents.device)
         return self._decoder.decode(latents)
 
