@@ -83,3 +83,16 @@ def test_a_sampler_of_the_other_objective_is_refused():
         build_objective(GenerationConfig(method="transport", sampler="ddim"))
     with pytest.raises(ValueError, match="noise level must lie in"):
         build_objective(GenerationConfig()).model_time(1.5)
+
+
+def test_lightningdit_s_transport_options_reach_the_transport_through_the_objective():
+    gen = GenerationConfig(method="transport", sampler="ode", t_sampling="logit_normal", cosine_loss=True)
+    objective = build_objective(gen)
+    torch.manual_seed(3)
+    drawn = objective.sample_t()
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.sigmoid(torch.randn(())))  # linear path, velocity: the interval is [0, 1]
+    x, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([0.2, 0.7])
+    through = objective.training_losses(first_half, x, t=t, noise=noise)
+    direct = create_transport("linear", cosine_loss=True).training_losses(first_half, x, t=t, noise=noise)
+    assert set(through) == {"loss", "mse", "cos_loss"} and all(torch.equal(through[k], direct[k]) for k in direct)
