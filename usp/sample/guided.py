@@ -19,16 +19,7 @@ from tqdm import tqdm
 from usp.config import GenerationConfig
 from usp.diffusion import create_diffusion, create_transport, ddim_sample_loop, p_sample_loop, sample_ode, sample_sde
 from usp.models.dit import DiT
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a `generation.amp` choice on `device`; None = fp32 (no autocast)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return AMP_DTYPES.get(amp)
-
+from usp.run.runtime import autocast_dtype
 
 # DiT's training diffusion has T = 1000 steps (DDPM §4); a respaced sampler hands the model these original steps.
 DDPM_TIMESTEPS = 1000
@@ -120,7 +111,7 @@ def sample_latents(model: DiT, gen: GenerationConfig, labels: torch.Tensor, seed
     generators = sample_generators(seeds, device)
     noise = torch.stack([torch.randn(latent_shape, generator=g, device=device) for g in generators])
     model_fn = guided_model_fn(model, labels.to(device), gen.cfg_scale, gen.guided_channels,
-                               amp_dtype(gen.amp, device), interval=gen.guidance_interval, method=gen.method)
+                               autocast_dtype(gen.amp, device), interval=gen.guidance_interval, method=gen.method)
     if gen.method == "ddpm":
         diffusion = create_diffusion(gen.sample_steps, learn_sigma=gen.learn_sigma, num_timesteps=DDPM_TIMESTEPS)
         if gen.sampler == "ddim":
