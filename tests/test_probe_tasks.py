@@ -156,11 +156,11 @@ def test_backbone_features_are_the_blocks_outputs_under_the_null_label(generator
         backbone_features(model, x_t, t, [5])
 
 
-def test_usp_probe_on_a_dit_checkpoint(generator, capsys, tmp_path):
+def test_usp_probe_backbone_on_a_dit_checkpoint(generator, capsys, tmp_path):
     from usp.cli import main
 
     out = tmp_path / "backbone.json"
-    main(["probe", str(generator), "--blocks", "1", "3", "--noise-levels", "0", "0.5", "--out", str(out)])
+    main(["probe-backbone", str(generator), "--blocks", "1", "3", "--noise-levels", "0", "0.5", "--out", str(out)])
     result = json.loads(out.read_text())
     assert [(r["block"], r["noise_level"]) for r in result["rows"]] == [(1, 0.0), (1, 0.5), (3, 0.0), (3, 0.5)]
     assert all(0.0 <= r["logistic_top1"] <= 100.0 and 0.0 <= r["knn_top1"] <= 100.0 for r in result["rows"])
@@ -169,4 +169,12 @@ def test_usp_probe_on_a_dit_checkpoint(generator, capsys, tmp_path):
     assert result["protocol"]["train_images"] == 32
     assert "| 3 | 0.5 | 500 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["probe", str(generator), "--noise-levels", "1.5"])
+        main(["probe-backbone", str(generator), "--noise-levels", "1.5"])
+
+
+def test_usp_probe_of_a_weights_file_names_the_backbone_command(generator, capsys):
+    from usp.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["probe", str(generator), "--dry-run"])
+    assert "usp probe-backbone WEIGHTS" in capsys.readouterr().err
