@@ -158,7 +158,7 @@ def test_backbone_features_are_the_blocks_outputs_under_the_null_label(generator
         backbone_features(model, x_t, t, [5])
 
 
-def test_usp_probe_on_a_dit_checkpoint(generator, capsys, tmp_path):
+def test_usp_probe_backbone_on_a_dit_checkpoint(generator, capsys, tmp_path):
     from usp.cli import main
 
     out = tmp_path / "backbone.json"
@@ -172,3 +172,11 @@ def test_usp_probe_on_a_dit_checkpoint(generator, capsys, tmp_path):
     assert "| 3 | 0.5 | 500 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["probe-backbone", str(generator), "--noise-levels", "1.5"])
+
+
+def test_usp_probe_of_a_weights_file_names_the_backbone_command(generator, capsys):
+    from usp.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["probe", str(generator), "--dry-run"])
+    assert "usp probe-backbone WEIGHTS" in capsys.readouterr().err

@@ -20,16 +20,7 @@ from usp.config import GenerationConfig
 from usp.diffusion import build_objective
 from usp.diffusion.time import in_sit_time
 from usp.models.dit import DiT
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a `generation.amp` choice on `device`; None = fp32 (no autocast)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return AMP_DTYPES.get(amp)
-
+from usp.run.runtime import autocast_dtype
 
 def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_channels: int | None,
                     amp: torch.dtype | None = None, *, interval: tuple[float, float] | None = None,
@@ -114,7 +105,7 @@ def sample_latents(model: DiT, gen: GenerationConfig, labels: torch.Tensor, seed
     noise = torch.stack([torch.randn(latent_shape, generator=g, device=device) for g in generators])
     objective = build_objective(gen)
     model_fn = guided_model_fn(model, labels.to(device), gen.cfg_scale, gen.guided_channels,
-                               amp_dtype(gen.amp, device), interval=gen.guidance_interval,
+                               autocast_dtype(gen.amp, device), interval=gen.guidance_interval,
                                noise_level=objective.noise_level, time=gen.time)
     return objective.sample(model_fn, noise, generator=generators, progress=progress)
 
