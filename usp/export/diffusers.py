@@ -103,11 +103,14 @@ def write_diffusers(model: DiT, config, family: str, out: Path, class_names: lis
     scale, shift = scale_and_shift(config.latent.space, config.latent.path)
     objective = ({"method": "ddpm", "learn_sigma": gen["learn_sigma"], "num_timesteps": 1000,
                   "betas": "linear 1e-4..0.02"}
-                 if family == "dit" else {k: gen[k] for k in ("method", "path", "prediction", "train_eps", "sample_eps",
-                                                              "sampler", "ode_method", "sample_steps")})
+                 if family == "dit" else {k: gen[k] for k in ("method", "time", "path", "prediction", "train_eps",
+                                                              "sample_eps", "sampler", "ode_method", "sample_steps",
+                                                              "timestep_shift")})
     usp = {"family": family, "model": config.model.name, "num_classes": model.y_embedder.num_classes,
            "null_label_row": PIPELINE_NULL_LABEL if model.y_embedder.dropout_prob > 0 else None,
-           "time_input": "DDPM timestep 0..999" if family == "dit" else "transport t in [0, 1], 0 = noise, 1 = data",
+           "time_input": "DDPM timestep 0..999" if family == "dit" else (
+               "transport t in [0, 1], 0 = noise, 1 = data" if gen["time"] == "sit"
+               else "REPA time s in [0, 1], 0 = data, 1 = noise; the output is the velocity dx/ds"),
            "objective": objective,
            "guidance": {k: gen[k] for k in ("cfg_scale", "guided_channels", "guidance_interval")},
            "latent": {"space": config.latent.space, "channels": spec_of(config.latent.space).channels,

@@ -22,6 +22,7 @@ from usp.diffusion.time import in_sit_time
 from usp.models.dit import DiT
 from usp.run.runtime import autocast_dtype
 
+
 def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_channels: int | None,
                     amp: torch.dtype | None = None, *, interval: tuple[float, float] | None = None,
                     noise_level: Callable[[torch.Tensor], torch.Tensor] | None = None, time: str = "sit",
