@@ -7,8 +7,8 @@
 Only `weights_*.safetensors` files a usp run wrote are exported: their metadata carries the recipe that says
 which network, latent space and objective the tensors belong to. `OUT` must not exist yet; it is written in a
 temporary folder beside it and renamed when complete. May import: config, run (the weights and log readers),
-models, data, latent, sample (the generator builder). Reading a diffusers folder back is `usp.sample.diffusers`;
-the key mapping both use is `usp.models.diffusers`.
+models, diffusion (the sampler's grid, for the model card), data, latent, sample (the generator builder). Reading a
+diffusers folder back is `usp.sample.diffusers`; the key mapping both use is `usp.models.diffusers`.
 """
 
 from __future__ import annotations
