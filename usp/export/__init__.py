@@ -106,3 +106,11 @@ def _write(target, weights, meta, config, family, out: Path, license: str, sourc
 
     write_timm(weights, config, family, out, names)
     return []
+
+
+def export_command(weights: str, to: str, out: str, license: str = "other") -> None:
+    """`usp export WEIGHTS --to TARGET OUT`: `export`, with its notes for the user."""
+    folder, notes = export(weights, to, out, license=license)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {folder}")
