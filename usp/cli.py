@@ -81,13 +81,21 @@ def probe_backbone(weights: str, overrides: list[str], model: str | None, blocks
 
 # What each command calls with its options: a library function as `module:function` (imported only when the command
 # runs, so that `usp --help` loads no torch), or the function above where the CLI first loads a generator.
-CALLS = {**dict.fromkeys(TRAIN_COMMANDS, "usp.train.tasks:train_command"), "probe-backbone": probe_backbone,
-         "cache-latents": "usp.latent.cache:cache_latents_command", "sample": "usp.sample.run:sample_command",
-         "evaluate": "usp.evaluate.reference:evaluate_command", "demo": "usp.demo.pipeline:demo_command",
-         "init": "usp.recipe_tools.init:init_command", "list": "usp.recipe_tools.listing:list_command",
-         "reference": "usp.evaluate.reference:reference_command", "fetch": "usp.recipe_tools.fetch:fetch_command",
-         "compare-run": "usp.evaluate.compare:compare_command",
-         "reconstruct": "usp.evaluate.reconstruct:reconstruct_command", "export": "usp.export:export_command"}
+CALLS = {
+    **dict.fromkeys(TRAIN_COMMANDS, "usp.train.tasks:train_command"),
+    "probe-backbone": probe_backbone,
+    "cache-latents": "usp.latent.cache:cache_latents_command",
+    "sample": "usp.sample.run:sample_command",
+    "evaluate": "usp.evaluate.reference:evaluate_command",
+    "demo": "usp.demo.pipeline:demo_command",
+    "init": "usp.recipe_tools.init:init_command",
+    "list": "usp.recipe_tools.listing:list_command",
+    "reference": "usp.evaluate.reference:reference_command",
+    "fetch": "usp.recipe_tools.fetch:fetch_command",
+    "compare-run": "usp.evaluate.compare:compare_command",
+    "reconstruct": "usp.evaluate.reconstruct:reconstruct_command",
+    "export": "usp.export:export_command",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """The tasks the one engine trains: each supplies a model, a dataset, per-sample randomness and the loss of
-a batch (and optionally `evaluate` and `param_groups`). One file per task; `build_task` picks by `run.task`.
+a batch (and optionally `evaluate` and `param_groups`). One file per task; `build_task` picks by `run.task`;
+`train_command` is what the training commands (`usp pretrain`, ...) call.
 
 May import: config, run, data, latent, models, diffusion, evaluate, sample. Never the engine's callers (demo, cli).
 """
