@@ -53,8 +53,8 @@ def dry_run(args: argparse.Namespace) -> None:
 
 def call(args: argparse.Namespace) -> None:
     """Run the command: its function gets the parsed options as keywords, a recipe resolved (as `config`). A library
-    function is named `module:function` and imported only now, so that `usp --help` loads no torch; a number it
-    returns is the exit status."""
+    function is named `module:function` and imported only now, so that `usp --help` loads no torch; an int it
+    returns is the exit status (anything else it returns, e.g. evaluate's metrics, it has printed already)."""
     options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "dry_run", "func")}
     if "recipe" in options:
         options["config"] = _recipe(args, TRAIN_COMMANDS.get(args.command))
@@ -64,7 +64,7 @@ def call(args: argparse.Namespace) -> None:
         module, name = function.split(":")
         function = getattr(importlib.import_module(module), name)
     status = function(**options)
-    if status:
+    if isinstance(status, int) and status:
         raise SystemExit(status)
 
 
