@@ -329,3 +329,9 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0, f
     from usp.demo.own_data import OwnDataDemo
 
     return OwnDataDemo(data, Path(out), quick, seed, image_size, flip).run()
+
+
+def demo_command(out: str = "demo_out", quick: bool = False, seed: int = 0, full: bool = False,
+                 data: str | None = None, image_size: int | None = None, flip: bool = True) -> None:
+    """`usp demo`: `run_demo`, then where its report is."""
+    print(f"report: {run_demo(out, quick, seed, full, data, image_size, flip)}")

@@ -12,7 +12,7 @@ from usp.data.images import build_image_dataset, build_transform
 from usp.latent.vae import LatentSpace
 from usp.models import create_model
 from usp.models.vit import patchify, unpatchify
-from usp.run.weights import load_strict, load_weights
+from usp.run.weights import load_strict, load_weights, resolve_weights
 
 
 def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, mask_ratio: float = 0.75,
@@ -93,3 +93,11 @@ def _label_rows(path: Path, names: tuple[str, ...]) -> None:
     for i, name in enumerate(names):
         draw.text((2, int(row * (i + 0.5)) - 5), name, fill="black")
     labelled.save(path)
+
+
+def reconstruct_command(weights: str, overrides: list[str], out: str = "reconstruction.png", num_images: int = 8,
+                        mask_ratio: float = 0.75, seed: int = 0) -> None:
+    """`usp reconstruct WEIGHTS`: `reconstruct_grid` of a weights file or a run folder (its latest)."""
+    path = reconstruct_grid(resolve_weights(weights), out, num_images=num_images, mask_ratio=mask_ratio, seed=seed,
+                            overrides=overrides)
+    print(f"wrote {path}")

@@ -289,3 +289,11 @@ def cache_recipe(config, splits: list[str], folder: str | Path | None = None, ba
         made[split] = {"images": len(dataset), "path": path,
                        "tokens": build_recipe_features(config, dataset, split, folder, device)}
     return made
+
+
+def cache_latents_command(config, splits: list[str], out: str | None = None, batch_size: int = 64) -> None:
+    """`usp cache-latents RECIPE`: `cache_recipe`, reported one line per split (and its REPA tokens)."""
+    for split, made in cache_recipe(config, splits, out, batch_size).items():
+        print(f"{split}: {made['images']} images -> {made['path']}")
+        if made["tokens"]:
+            print(f"{split}: REPA teacher tokens -> {made['tokens']}")

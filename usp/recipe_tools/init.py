@@ -188,3 +188,8 @@ def summary(scan: ScanReport, choices: RecipeChoices, files: list[Path]) -> str:
         f"usp probe {first / 'probe.yaml'} --fast"]
     return "\n".join([scan.table(), "", f"{c.image_size} px, latent space {c.latent_space}, {c.num_classes} classes; "
                       "recipes:", *(f"  {path}" for path in files), "next:", *(f"  {line}" for line in steps)])
+
+
+def init_command(data: str, out: str | None = None, image_size: int | None = None, flip: bool = True) -> None:
+    """`usp init --data DIR`: `init_recipes`, then its `summary`."""
+    print(summary(*init_recipes(data, out, image_size=image_size, flip=flip)))

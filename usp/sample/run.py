@@ -14,7 +14,7 @@ from usp.models import create_model, model_entry
 from usp.models.dit import DiT
 from usp.models.repa import strip_projectors
 from usp.run.runtime import setup_runtime
-from usp.run.weights import load_strict, load_weights
+from usp.run.weights import load_strict, load_weights, resolve_weights
 from usp.sample.guided import sample_sharded, save_grid
 
 GENERATOR_FAMILIES = ("dit", "sit", "lightningdit")
@@ -84,3 +84,12 @@ def run_sampling(weights: str | Path, overrides: list[str] | tuple = (), out_dir
     if runtime.world_size > 1:
         torch.distributed.destroy_process_group()
     return npz
+
+
+def sample_command(weights: str, overrides: list[str], model: str | None = None, out: str | None = None,
+                   num_samples: int = 64, seed: int = 0, balanced: bool = False, batch_size: int = 64,
+                   grid: int = 64) -> None:
+    """`usp sample WEIGHTS`: `run_sampling` of a weights file, a run folder (its latest) or a diffusers folder."""
+    path = run_sampling(resolve_weights(weights), overrides, out_dir=out, num_samples=num_samples, seed=seed,
+                        balanced=balanced, batch_size=batch_size, model_name=model, grid=grid)
+    print(f"wrote {path}")
