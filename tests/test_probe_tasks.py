@@ -172,6 +172,11 @@ def test_usp_probe_backbone_on_a_dit_checkpoint(generator, capsys, tmp_path):
     assert "| 3 | 0.5 | 500 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["probe-backbone", str(generator), "--noise-levels", "1.5"])
+    # The run folder (its latest weights), as the help promises, probes the same file.
+    from_folder = tmp_path / "from_folder.json"
+    main(["probe-backbone", str(generator.parent.parent), "--blocks", "1", "3", "--noise-levels", "0", "0.5",
+          "--out", str(from_folder)])
+    assert json.loads(from_folder.read_text())["rows"] == result["rows"]
 
 
 def test_usp_probe_of_a_weights_file_names_the_backbone_command(generator, capsys):

@@ -73,8 +73,10 @@ def probe_backbone(weights: str, overrides: list[str], model: str | None, blocks
     """`usp probe-backbone`: the generator is loaded here, as a recipe is for the other commands (its loader,
     `usp.sample.run`, sits beside the probe's package, not below it), then probed (`usp.evaluate.backbone_probe`)."""
     from usp.evaluate.backbone_probe import probe_command
+    from usp.run.weights import resolve_weights
     from usp.sample.run import load_generator
 
+    weights = str(resolve_weights(weights))  # a run folder or RUN/latest, as the help says
     generator, config = load_generator(weights, list(overrides), model)
     probe_command(generator, config, weights, blocks, noise_levels, out)
 
