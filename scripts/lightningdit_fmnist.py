@@ -2,8 +2,8 @@
 scratch, two seeds, with the demo's paired noise band (scratch with only the init seed changed), and a tiny SiT from
 scratch at the same budget. Reuses the demo's stages (small VAE, latent cache, domain classifier; usp.demo.pipeline)
 and its default budget (400 fine-tuning steps × 128, one 2 000-sample evaluation; 1 200 pretraining steps) unless
-told less (the issue-24 run, on a shared, loaded machine, used --pretrain-steps 300 --finetune-steps 200
---eval-samples 1000).
+told less (--pretrain-steps, --finetune-steps, --eval-samples; --quick: the demo's plumbing budget). Results and the
+measured run: docs/lightningdit_fmnist.md.
 
     python scripts/lightningdit_fmnist.py --out lightning_out        # writes lightning_out/results.json
 """
@@ -30,7 +30,7 @@ class LightningEvidence(Demo):
         train(config, build_task(config), resume="auto")
         history, _ = read_log(config.run_dir)
         return {"weights": str(latest_weights(config.run_dir / "checkpoints")), "loss_first": history[0]["loss"],
-                "loss_last": history[-1]["loss"], "steps": config.train.max_steps}
+                "loss_last": history[-1]["loss"], "steps": config.train.max_steps, "run_dir": str(config.run_dir)}
 
     def run(self, seeds: tuple[int, ...] = (0, 1)) -> dict:
         results = {"vae": self.stage("vae", self.vae), "cache": self.stage("cache", self.cache),
