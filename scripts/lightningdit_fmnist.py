@@ -5,7 +5,9 @@ and its default budget (400 fine-tuning steps × 128, one 2 000-sample evaluatio
 told less (--pretrain-steps, --finetune-steps, --eval-samples; --quick: the demo's plumbing budget). Results and the
 measured run: docs/lightningdit_fmnist.md.
 
-    python scripts/lightningdit_fmnist.py --out lightning_out        # writes lightning_out/results.json
+    python scripts/lightningdit_fmnist.py --out lightning_out        # writes lightning_out/results.json, report.md
+    python scripts/lightningdit_fmnist.py --out lightning_out --objective sit  # + LightningDiT, SiT's objective
+    python scripts/lightningdit_fmnist.py --out lightning_out --sit-usp        # + SiT from USP (demo's encoder)
 """
 
 from __future__ import annotations
