@@ -140,14 +140,15 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
     folder = args.out or lc.cache
     if folder is None:
         raise SystemExit("error: give --out DIR or set latent.cache in the recipe")
-    latent = LatentSpace.load(lc.space, lc.path)
+    latent = LatentSpace.load(lc.space, lc.path, max_batch=lc.vae_batch)
     latent.check_image_size(dc.image_size)
     # The ADM centre crop as DiT trains; the flip is stored beside each image.
     transform = build_transform(dc.image_size, cache_crop(dc.source), hflip=False, normalize=dc.normalize)
     device = "cuda" if torch.cuda.is_available() and config.run.device != "cpu" else "cpu"
     for split in args.splits:
         dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download, dc.exclude)
-        path = build_cache(dataset, latent, dc.image_size, folder, split, args.batch_size, dc.num_workers, device,
+        path = build_cache(dataset, latent, dc.image_size, folder, split, args.batch_size or lc.vae_batch,
+                           dc.num_workers, device,
                            source=cache_source(config, split))
         print(f"{split}: {len(dataset)} images -> {path}")
         tokens = build_recipe_features(config, dataset, split, folder, device)  # REPA's teacher tokens, if on
@@ -265,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_args(p)
     p.add_argument("--out", help="cache folder (default: the recipe's latent.cache)")
     p.add_argument("--splits", nargs="+", default=["train"], help="splits to encode (default: train)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, help="images per batch (default: the recipe's latent.vae_batch)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the splits, then exit")
     p.set_defaults(func=cmd_cache_latents)
 
@@ -281,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balanced", action="store_true", help="labels i %% num_classes instead of random labels")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, help="samples per batch and rank (default: the recipe's "
+                                                            "train.eval_batch)")
     p.add_argument("--grid", type=int, default=64, help="images in the PNG grid")
     p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     p.set_defaults(func=cmd_sample)

@@ -35,6 +35,10 @@ class LatentConfig:
     # (docs/benchmarks.md gives the latent error); channels_last lays its convolutions out as NHWC.
     vae_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     vae_channels_last: bool = False
+    # Images per VAE encode/decode call, per rank: every larger batch (a training micro-batch encoded on the fly,
+    # a cache build, a sample grid) is split into calls of this size, so the VAE's activations stay bounded
+    # (SD-VAE fp32 on CPU: ~165 MB per 256 px image to encode, ~200 MB to decode; 512 px: 4×).
+    vae_batch: int = 8
 
 
 @dataclass
@@ -192,6 +196,7 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "rollback"] = "stop"  # rollback: newest finite checkpoint, skipping the bad data
     log_every: int = 50
     eval_every: int = 0  # steps; 0 = only at the end (probe/classify)
+    eval_batch: int = 64  # items per rank in each no-grad pass: evaluation, feature extraction, sample grids
     tensorboard: bool = True
     progress: bool = True
 
@@ -269,6 +274,9 @@ class Config:
         if self.repa.enabled and self.repa.features == "cache" and not self.latent.cache:
             raise ValueError("repa.features=cache needs latent.cache (the tokens live beside the latents); set "
                              "repa.features=online to run the teacher on the training images")
+        if self.train.eval_batch < 1 or self.latent.vae_batch < 1:
+            raise ValueError(f"train.eval_batch and latent.vae_batch must be at least 1, got {self.train.eval_batch} "
+                             f"and {self.latent.vae_batch}")
         if self.train.keep_last < 1:
             raise ValueError("train.keep_last must be at least 1 (the last good checkpoint is never deleted)")
         return self

@@ -122,7 +122,7 @@ def build_recipe_features(config, images: Dataset, split: str, cache_folder: str
         return None  # already built by this teacher for this cache
     except (FileNotFoundError, ValueError):
         pass
-    return build_features(teacher, images, latents, folder, split, grid, device=device)
+    return build_features(teacher, images, latents, folder, split, grid, config.train.eval_batch, device)
 
 
 class RepaFeatureDataset(Dataset):

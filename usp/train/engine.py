@@ -31,6 +31,7 @@ from usp.train.checkpoint import RunLock
 from usp.train.dist import Runtime, autocast_dtype, barrier, mean_over_ranks, setup_runtime, wrap_model
 from usp.train.flops import device_peak_flops, mfu, training_flops_per_sample
 from usp.train.log import RunLog, read_log
+from usp.train.memory import estimate_run
 from usp.train.optim import apply_lr, build_optimizer, lr_at, param_groups
 from usp.train.state import TrainState, update_ema
 
@@ -321,6 +322,9 @@ def train(config: Config, task: Task, runtime: Runtime | None = None, resume: st
     with RunLock(run_dir) if rt.is_main else contextlib.nullcontext():  # one run per folder
         plan = Plan.of(cfg, config.optim.warmup_epochs, len(task.train_set), rt)
         state = build_state(config, task, rt, plan)
+        if rt.is_main:  # before the first step, so a run that will not fit says so in its first lines
+            log.info(estimate_run(config, task, plan.micro_batch, rt.device,
+                                  autocast_dtype(cfg.amp, rt.device)).line() + f" at micro-batch {plan.micro_batch}")
         restore(state, run_dir / "checkpoints", resume, plan, cfg.accum_steps, rt)
         if rt.is_main:
             save_config(config, run_dir / "config.yaml")

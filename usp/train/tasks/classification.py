@@ -294,7 +294,8 @@ class ClassifierTask:
         device = next(model.parameters()).device
         model.eval()
         correct, total = torch.zeros(2, device=device), torch.zeros((), device=device)
-        for batch in data.eval_batches(list(range(runtime.rank, len(data.dataset), runtime.world_size)), 256, device):
+        for batch in data.eval_batches(list(range(runtime.rank, len(data.dataset), runtime.world_size)),
+                                       self.config.train.eval_batch, device):
             logits = model(data.latents(batch))
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top5 == batch["label"].view(-1, 1)
@@ -317,7 +318,7 @@ class ClassifierTask:
 
 
 @torch.no_grad()
-def encode_split(model: VisionTransformer, data, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_split(model: VisionTransformer, data, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen pooled features (N, D) and labels of every item of a `LatentData` split (no augmentation)."""
     model.eval()
     features, labels = [], []
@@ -336,8 +337,8 @@ def fast_probe(config) -> dict:
     train_data = LatentData(config, config.data.split, augment=False)
     test_data = LatentData(config, config.data.eval_split, augment=False)
     model = build_classifier(config, train_data.latent_size, train_data.spec.channels)
-    train_x, train_y = encode_split(model, train_data)
-    test_x, test_y = encode_split(model, test_data)
+    train_x, train_y = encode_split(model, train_data, config.train.eval_batch)
+    test_x, test_y = encode_split(model, test_data, config.train.eval_batch)
     logistic = logistic_regression(train_x, train_y, test_x, test_y)
     knn = knn_accuracy(train_x, train_y, test_x, test_y)
     return {"logistic_top1": logistic["top1"], "logistic_top5": logistic["top5"], "knn_top1": knn["top1"],

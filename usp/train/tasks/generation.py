@@ -143,7 +143,8 @@ class GenerationTask:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self._decoder is None:
-            self._decoder = LatentSpace.load(self.config.latent.space, self.config.latent.path)
+            self._decoder = LatentSpace.load(self.config.latent.space, self.config.latent.path,
+                                             max_batch=self.config.latent.vae_batch)
         self._decoder.to(latents.device)
         return self._decoder.decode(latents)
 
@@ -158,7 +159,8 @@ class GenerationTask:
         classes = min(gen.grid_classes, self.config.model.num_classes)
         # Grid: row = sample index within class, column = class; the same seeds at every step.
         indices = [r * classes + c for r in range(gen.grid_per_class) for c in range(classes)]
-        images, _ = sample_images(model, self.decode, gen, indices, seed, classes, True, self.latent_shape)
+        images, _ = sample_images(model, self.decode, gen, indices, seed, classes, True, self.latent_shape,
+                                  batch_size=self.config.train.eval_batch)
         save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", nrow=classes)
         if not (gen.eval_samples and gen.domain_classifier):
             return {}
@@ -171,5 +173,6 @@ class GenerationTask:
             with np.load(gen.domain_reference) as reference:
                 self._real_stats = self._domain.statistics(reference["arr_0"])
         fake, labels = sample_images(model, self.decode, gen, list(range(gen.eval_samples)), seed + 10**7,
-                                     self.config.model.num_classes, True, self.latent_shape, batch_size=250)
+                                     self.config.model.num_classes, True, self.latent_shape,
+                                     batch_size=self.config.train.eval_batch)
         return domain_metrics(self._domain, fake, labels, self._real_stats)
