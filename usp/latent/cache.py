@@ -185,6 +185,8 @@ def check_header(header: dict, latent_space: str, image_size: int, path: Path) -
 class LatentCacheDataset(Dataset):
     """Items {"moments": (2, 2C, h, w) float32 [plain, flipped], "label": int}; memory-mapped."""
 
+    draws_python_random = False  # SeededDataset need not seed Python's and NumPy's generators for it
+
     def __init__(self, folder: str | Path, split: str, latent_space: str, image_size: int, limit: int | None = None):
         self.path = cache_path(folder, split)
         self.header = read_header(self.path)

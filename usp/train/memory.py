@@ -70,11 +70,27 @@ class _FakeCall(nn.Module):
         return getattr(self._model, name)
 
 
+def _traceable_copy(task):
+    """A copy of `task` that shares its modules and datasets (no memory) but not its small helper objects, whose
+    per-device caches (a diffusion's schedule tables) would otherwise keep the fake tensors of the trace."""
+    import copy
+
+    from torch.utils.data import Dataset
+
+    shared: dict[int, object] = {}
+    for value in vars(task).values():
+        for obj in (value, *(vars(value).values() if hasattr(value, "__dict__") else ())):
+            if isinstance(obj, (nn.Module, Dataset, torch.Tensor)):
+                shared[id(obj)] = obj
+    return copy.deepcopy(task, memo=shared)
+
+
 def activation_bytes(task, batch: dict, device: torch.device, amp_dtype: torch.dtype | None) -> int:
     """Bytes autograd saves for backward when `task.loss` runs on `batch` (a collated micro-batch: any size,
     since its tensors are made fake here), with the model's weights excluded."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    task = _traceable_copy(task)
     model = task.model
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     real = {id(p) for p in model.parameters()}
@@ -99,7 +115,7 @@ def activation_bytes(task, batch: dict, device: torch.device, amp_dtype: torch.d
         fake_batch = {k: mode.from_tensor(v).contiguous() if torch.is_tensor(v) else v for k, v in batch.items()}
     with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
             device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        task.loss(_FakeCall(model, state), fake_batch)
+        type(task).loss(task, _FakeCall(model, state), fake_batch)  # the class's loss: not a test's wrapper of it
     return sum(seen.values())
 
 

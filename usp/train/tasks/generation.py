@@ -59,7 +59,7 @@ class GenerationTask:
     def _setup_repa(self, config: Config) -> None:
         """REPA: the frozen teacher, the projector on the generator (after the USP transfer, which it is no part
         of), and the teacher tokens: cached beside the latents, or computed from the training images."""
-        from usp.latent.features import RepaFeatureDataset, recipe_features_dir
+        from usp.latent.features import RepaFeatureDataset, cached_with_images, recipe_features_dir
         from usp.models.repa import attach_projectors, load_teacher
 
         rc = config.repa
@@ -79,12 +79,11 @@ class GenerationTask:
             folder = recipe_features_dir(config)
             self.train_set = RepaFeatureDataset(self.data.dataset, folder, config.data.split, self.teacher,
                                                 self.repa_grid)
-        elif self.data.cached:
-            raise ValueError("repa.features=online needs images at train time, but latent.cache is set: use "
-                             "repa.features=cache (tokens built beside the latents) or unset latent.cache")
         elif config.data.normalize != "half":
             raise ValueError("repa.features=online expects images in [-1, 1] (data.normalize=half); the teacher "
                              "applies its own normalisation")
+        elif self.data.cached:  # cached latents, teacher online: each latent comes with its image
+            self.train_set = cached_with_images(config, self.data.dataset, config.data.split)
 
     def export_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The sampling weights: the generator alone (REPA's projector is a training-time head)."""
@@ -100,7 +99,9 @@ class GenerationTask:
             tokens = batch["repa"]  # (N, 2, T, D): [plain, flipped] as the latent cache
             pick = batch["flip"].long().view(-1, 1, 1, 1).expand(-1, 1, *tokens.shape[2:])
             return tokens.gather(1, pick).squeeze(1)  # (N, T, D)
-        images = batch["image"]
+        images = batch["image"]  # (N, 3, H, W)
+        if self.data.cached:  # unflipped images beside cached latents: flip those whose latent is the flipped one
+            images = torch.where(batch["flip"].view(-1, 1, 1, 1), images.flip(-1), images)
         self.teacher.to(images.device)
         with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16,
                                              enabled=images.device.type == "cuda"):
