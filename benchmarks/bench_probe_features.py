@@ -20,7 +20,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from usp.config import load_config  # noqa: E402
-from usp.train import checkpoint as ckpt  # noqa: E402
+from usp.run import checkpoint as ckpt  # noqa: E402
 from usp.train.engine import setup_runtime, train  # noqa: E402
 from usp.train.tasks import build_task  # noqa: E402
 

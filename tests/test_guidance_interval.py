@@ -23,8 +23,8 @@ LABELS, SEEDS = torch.tensor([3, 7]), [11, 12]
 SAMPLERS = {
     "ddpm": dict(method="ddpm", sampler="ddpm", sample_steps="10"),
     "ddim": dict(method="ddpm", sampler="ddim", sample_steps="ddim10"),
-    "ode_euler": dict(method="transport", sampler="ode", ode_method="euler", sample_steps="6"),
-    "ode_heun": dict(method="transport", sampler="ode", ode_method="heun", sample_steps="6"),
+    "ode_euler": dict(method="transport", sampler="ode", ode_method="euler", sample_steps="5"),  # 5 steps, 6 points
+    "ode_heun": dict(method="transport", sampler="ode", ode_method="heun", sample_steps="5"),
     "sde": dict(method="transport", sampler="sde", sample_steps="6"),
     "sde_vp": dict(method="transport", path="vp", sampler="sde", sample_steps="6"),
 }
@@ -103,7 +103,7 @@ def test_an_interval_no_step_lands_in_is_the_conditional_model(models, name, cha
 # 0.5, so a mapping that forgot to flip SiT time would guide other calls:
 # DDPM "10", [0.5, 0.9]: original steps 999, 888, …, 111, 0 (stride 999/9 = 111); inside: 888 … 555.
 # DDIM "ddim10", [0.3, 0.8]: 900, 800, …, 0; inside 800 … 300, both ends included (800 / 1000 = 0.8 exactly).
-# ODE "6", [0.5, 0.9]: SiT grid t = 0, 0.2, …, 1, t_noise = 1 − t; Euler calls at t = 0 … 0.8, inside: t = 0.2, 0.4;
+# ODE "5" steps, [0.5, 0.9]: SiT grid t = 0, 0.2, …, 1, t_noise = 1 − t; Euler calls at t = 0 … 0.8, inside: 0.2, 0.4;
 #   Heun calls (t_cur, t_next) of each step, each judged by its own t: inside t = 0.2, 0.2, 0.4, 0.4.
 # SDE "6", [0.5, 0.9]: t = linspace(0, 0.96, 6) = 0, 0.192, 0.384, 0.576, 0.768, then the last step at t = 0.96;
 #   inside: t = 0.192, 0.384 (t_noise 0.808, 0.616).
@@ -157,7 +157,11 @@ def test_presets_set_the_published_fields():
     repa = load_config(None, ["generation.method=transport", "generation.preset=repa"]).generation
     assert (repa.sampler, repa.sample_steps, repa.cfg_scale, repa.guided_channels, repa.guidance_interval) == \
         ("sde", "250", 1.8, None, (0.0, 0.7))
-    assert set(GENERATION_PRESETS) == {"none", "dit", "repa"}
+    lightning = load_config(None, ["generation.method=transport", "generation.preset=lightningdit"]).generation
+    assert (lightning.sampler, lightning.ode_method, lightning.sample_steps, lightning.timestep_shift,
+            lightning.cfg_scale, lightning.guided_channels, lightning.guidance_interval) == \
+        ("ode", "euler", "249", 0.3, 10.0, 3, (0.0, 0.9))
+    assert set(GENERATION_PRESETS) == {"none", "dit", "repa", "lightningdit"}
     assert _gen(load_config(None, ["generation.preset=none"])) == {**_gen(load_config(None)), "preset": "none"}
 
 
@@ -201,8 +205,7 @@ def test_an_interval_round_trips_through_a_stored_recipe():
 
 def test_a_preset_applies_to_a_public_sit_checkpoint(tmp_path):
     # A .pt without usp metadata gets SiT's method and ODE sampler as defaults; a preset on the command line wins.
-    from usp.sample.run import load_generator
-    from usp.train.tasks.generation import build_generator
+    from usp.sample.run import build_generator, load_generator
 
     sizes = ["data.image_size=32", "model.num_classes=10"]
     path = tmp_path / "sit.pt"

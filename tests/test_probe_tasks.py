@@ -13,7 +13,8 @@ from usp.data.images import FashionMNISTDataset, build_transform
 from usp.data.sampler import SeededDataset
 from usp.latent.cache import build_cache
 from usp.latent.vae import LatentSpace
-from usp.train import checkpoint as ckpt
+from usp.run import checkpoint as ckpt
+from usp.run.weights import load_weights
 from usp.train.engine import Runtime, train
 from usp.train.tasks import build_task
 
@@ -92,7 +93,7 @@ def test_cached_probe_trains_on_features_computed_once_with_the_per_step_result(
         assert task.on_features == (mode == "features")
         train(config, task, CPU, resume=None)
         runs[mode] = (task, json.loads((config.run_dir / "result.json").read_text()),
-                      ckpt.load_weights(ckpt.latest_weights(config.run_dir / "checkpoints"))[0])
+                      load_weights(ckpt.latest_weights(config.run_dir / "checkpoints"))[0])
     (task, card, weights), (_, reference_card, reference_weights) = runs["features"], runs["per_step"]
     assert weights.keys() == reference_weights.keys()  # the weights file has the per-step probe's keys
     for key in weights:
@@ -189,7 +190,7 @@ def test_usp_probe_on_a_dit_checkpoint(generator, capsys, tmp_path):
     from usp.cli import main
 
     out = tmp_path / "backbone.json"
-    main(["probe", str(generator), "--blocks", "1", "3", "--noise-levels", "0", "0.5", "--out", str(out)])
+    main(["probe-backbone", str(generator), "--blocks", "1", "3", "--noise-levels", "0", "0.5", "--out", str(out)])
     result = json.loads(out.read_text())
     assert [(r["block"], r["noise_level"]) for r in result["rows"]] == [(1, 0.0), (1, 0.5), (3, 0.0), (3, 0.5)]
     assert all(0.0 <= r["logistic_top1"] <= 100.0 and 0.0 <= r["knn_top1"] <= 100.0 for r in result["rows"])
@@ -198,4 +199,4 @@ def test_usp_probe_on_a_dit_checkpoint(generator, capsys, tmp_path):
     assert result["protocol"]["train_images"] == 32
     assert "| 3 | 0.5 | 500 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["probe", str(generator), "--noise-levels", "1.5"])
+        main(["probe-backbone", str(generator), "--noise-levels", "1.5"])

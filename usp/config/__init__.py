@@ -17,9 +17,11 @@ from usp.config.loading import (
     recipes_dir,
     resolve_paths,
     save_config,
+    split_overrides,
 )
 from usp.config.sections import (
     GENERATION_PRESETS,
+    PROBE_MIN_STEPS,
     TASKS,
     ClassifyConfig,
     Config,
@@ -48,8 +50,10 @@ __all__ = [
     "read_recipe",
     "load_config",
     "save_config",
+    "split_overrides",
     "Task",
     "TASKS",
+    "PROBE_MIN_STEPS",
     "RunConfig",
     "LatentConfig",
     "DataConfig",

@@ -13,6 +13,10 @@ import yaml
 
 Task = Literal["pretrain", "finetune", "probe", "classify", "vae"]
 TASKS: tuple[str, ...] = typing.get_args(Task)
+# The linear probe's floor on steps. Measured (docs/probe_small_data.md): the paper's probe (batch 1 024, 10
+# epochs) on 1 500 Fashion-MNIST images takes 10 steps and reaches 57.8 % top-1 against 73.0 % of logistic
+# regression on the same frozen features; stretched to 100 / 500 steps at the same summed lr: 70.2 / 74.6 %.
+PROBE_MIN_STEPS = 500
 
 
 @dataclass
@@ -72,6 +76,20 @@ class ModelConfig:
     # Seed of the initial weights (None: run.seed). Varying it alone, with data order, diffusion noise and sample
     # seeds held by run.seed, measures how much a result moves by the random init only (the demo's paired band).
     init_seed: int | None = None
+    # LightningDiT's block options, for lightningdit_* and the vit_*_lightning encoder (wo_shift: lightningdit_*
+    # only); null = the registry's, i.e. the released VA-VAE models' (SwiGLU, RoPE, RMSNorm on; qk-norm, wo_shift off).
+    use_swiglu: bool | None = None
+    use_rope: bool | None = None
+    use_rmsnorm: bool | None = None
+    use_qknorm: bool | None = None
+    wo_shift: bool | None = None
+
+    def block_options(self) -> dict[str, bool]:
+        """The LightningDiT options this recipe sets (the others keep the registry's defaults)."""
+        return {k: getattr(self, k) for k in LIGHTNING_OPTION_KEYS if getattr(self, k) is not None}
+
+
+LIGHTNING_OPTION_KEYS = ("use_swiglu", "use_rope", "use_rmsnorm", "use_qknorm", "wo_shift")
 
 
 @dataclass
@@ -92,7 +110,7 @@ class GenerationConfig:
     train_eps: float | None = None
     sample_eps: float | None = None
     sampler: Literal["ddpm", "ddim", "ode", "sde"] = "ddpm"  # ddpm | ddim (method ddpm); ode | sde (transport)
-    sample_steps: str = "250"  # ddpm/ddim respacing ("250", "ddim50"); ode: "dopri5" or a step count for euler/heun
+    sample_steps: str = "250"  # ddpm/ddim respacing ("250", "ddim50"); ode: Euler/Heun steps (dopri5: ignored)
     ode_method: Literal["dopri5", "euler", "heun"] = "dopri5"
     cfg_scale: float = 4.0
     guided_channels: int | None = 3  # public DiT guides the first 3 channels; None = all channels
@@ -110,7 +128,17 @@ class GenerationConfig:
     guidance_interval: tuple[float, float] | None = None
     # A published sampling setting (GENERATION_PRESETS); it fills the generation keys that the recipe file or the
     # override list naming it does not set (see apply_generation_preset).
-    preset: Literal["none", "dit", "repa"] = "none"
+    preset: Literal["none", "dit", "repa", "lightningdit"] = "none"
+    # The time the network is trained and sampled in (usp.diffusion.time): sit (t = 0 noise, 1 data; usp's own) or
+    # repa (t = 0 data, 1 noise, velocity sign flipped: REPA's checkpoints). A property of the weights, so no
+    # sampling preset sets it. Transport only.
+    time: Literal["sit", "repa"] = "sit"
+    # LightningDiT's transport options (usp.diffusion.lightning), for any transport model: training times uniform
+    # (SiT) or logit-normal, t = sigmoid(N(0, 1)) (LightningDiT use_lognorm); the cosine velocity loss added to the
+    # MSE (use_cosine_loss; both are logged); the ODE grid shifted t -> s·t / (1 + (s − 1)·t) for s > 0 (0 = none).
+    t_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    cosine_loss: bool = False
+    timestep_shift: float = 0.0
 
 
 # What each `generation.preset` sets. dit: DiT's FID-50K setting (Peebles & Xie 2023, Table 4 / sample_ddp.py:
@@ -122,6 +150,12 @@ GENERATION_PRESETS: dict[str, dict[str, Any]] = {
             "guidance_interval": None},
     "repa": {"sampler": "sde", "sample_steps": "250", "cfg_scale": 1.8, "guided_channels": None,
              "guidance_interval": [0.0, 0.7]},
+    # lightningdit: LightningDiT's 64-epoch VA-VAE sampler (configs/reproductions/lightningdit_xl_vavae_f16d32_64ep_cfg
+    # .yaml, FID 2.11 at cfg 10): ODE Euler, num_sampling_steps 250 = 250 grid points = 249 steps (usp counts steps),
+    # timestep_shift 0.3, cfg 10 on channels 0–2 (forward_with_cfg's `eps[:, :3]`), cfg_interval_start 0.10: guided
+    # iff SiT t ≥ 0.10, i.e. noise level ≤ 0.9. (Its 800-epoch setting: cfg 6.7; config_details.yaml: start 0.11.)
+    "lightningdit": {"sampler": "ode", "ode_method": "euler", "sample_steps": "249", "timestep_shift": 0.3,
+                     "cfg_scale": 10.0, "guided_channels": 3, "guidance_interval": [0.0, 0.9]},
 }
 
 
@@ -197,6 +231,9 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0  # steps; 0 = only at the end (probe/classify)
     eval_batch: int = 64  # items per rank in each no-grad pass: evaluation, feature extraction, sample grids
+    # A floor on the steps of an epoch-based run (usp.train.engine.Plan: finer steps, same summed lr); None: the
+    # task's default, PROBE_MIN_STEPS for the linear probe (its paper schedule assumes ImageNet's 7 000 steps), else 0.
+    min_steps: int | None = None
     tensorboard: bool = True
     progress: bool = True
 
@@ -237,6 +274,20 @@ class Config:
                              f"{self.generation.sampler}, which a generation.method={self.generation.method} model "
                              f"cannot use ({', '.join(samplers)}): choose the other preset, or preset none")
         _choice("generation.sampler", self.generation.sampler, samplers)
+        gen = self.generation
+        lightning_keys = {"t_sampling": gen.t_sampling != "uniform", "cosine_loss": gen.cosine_loss,
+                          "timestep_shift": gen.timestep_shift != 0.0}
+        if gen.method != "transport" and any(lightning_keys.values()):
+            raise ValueError(f"generation.{', generation.'.join(k for k, v in lightning_keys.items() if v)} "
+                             "applies to transport training/sampling; generation.method=ddpm: remove it")
+        if gen.timestep_shift < 0:
+            raise ValueError(f"generation.timestep_shift must be > 0 (0 = no shift), got {gen.timestep_shift}")
+        if self.generation.cosine_loss and self.generation.prediction != "velocity":
+            raise ValueError("generation.cosine_loss compares velocities (LightningDiT): it needs "
+                             "generation.prediction=velocity")
+        if self.generation.time != "sit" and self.generation.method != "transport":
+            raise ValueError(f"generation.time={self.generation.time} is a transport time convention; "
+                             "generation.method=ddpm counts DDPM steps: remove generation.time")
         interval = self.generation.guidance_interval
         if interval is not None and not 0.0 <= interval[0] <= interval[1] <= 1.0:
             raise ValueError(f"generation.guidance_interval must be [low, high] with 0 <= low <= high <= 1 (noise "
@@ -277,6 +328,13 @@ class Config:
         if self.train.eval_batch < 1 or self.latent.vae_batch < 1:
             raise ValueError(f"train.eval_batch and latent.vae_batch must be at least 1, got {self.train.eval_batch} "
                              f"and {self.latent.vae_batch}")
+        options = self.model.block_options()
+        lightning = self.model.name.startswith("lightningdit_") or self.model.name.endswith("_lightning")
+        if options and not lightning:
+            raise ValueError(f"model.{', model.'.join(options)} applies to LightningDiT's blocks (lightningdit_*, "
+                             f"vit_*_lightning), not to model.name={self.model.name}; remove it or choose such a model")
+        if "wo_shift" in options and not self.model.name.startswith("lightningdit_"):
+            raise ValueError("model.wo_shift removes adaLN shifts, which only lightningdit_* has; remove it")
         if self.train.keep_last < 1:
             raise ValueError("train.keep_last must be at least 1 (the last good checkpoint is never deleted)")
         return self
@@ -284,6 +342,12 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
+
+    @property
+    def min_steps(self) -> int:
+        if self.train.min_steps is not None:
+            return self.train.min_steps
+        return PROBE_MIN_STEPS if self.run.task == "probe" else 0
 
     @property
     def lr(self) -> float:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from usp.config import GenerationConfig
 from usp.diffusion import create_diffusion, create_transport, ddim_sample_loop, p_sample_loop, sample_ode, sample_sde
+from usp.diffusion.time import in_sit_time
 from usp.models.dit import DiT
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,8 +51,12 @@ def noise_level(t: torch.Tensor, method: str, num_timesteps: int = DDPM_TIMESTEP
 
 def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_channels: int | None,
                     amp: torch.dtype | None = None, *, interval: tuple[float, float] | None = None,
-                    method: str = "ddpm") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """model_fn(x, t) for samplers: conditional on `labels`, with classifier-free guidance when scale ≠ 1.
+                    method: str = "ddpm", time: str = "sit") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """model_fn(x, t) for samplers: conditional on `labels`, with classifier-free guidance when scale > 1.
+
+    Guidance is off for cfg_scale ≤ 1, as in DiT's, SiT's, REPA's and LightningDiT's samplers (`using_cfg =
+    cfg_scale > 1`). time: the time the network was trained in ('sit' or 'repa', usp.diffusion.time); the sampler
+    always speaks SiT time, the wrapped network its own.
 
     interval: guide only the calls whose noise level `noise_level(t, method)` lies in [low, high], both ends
     included (REPA's check); every other call runs the conditional model alone, on the batch as given, without
@@ -63,15 +68,17 @@ def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_c
         low, high = interval
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"guidance interval must be [low, high] with 0 <= low <= high <= 1, got {interval}")
-    null = torch.full_like(labels, model.null_label) if cfg_scale != 1.0 else None
+    null = torch.full_like(labels, model.null_label) if cfg_scale > 1.0 else None
+    net = in_sit_time(model, time)
+    net_cfg = in_sit_time(model.forward_with_cfg, time) if null is not None else None
 
     def cfg(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_null: torch.Tensor) -> torch.Tensor:
-        return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale,
-                                      guided_channels)[: x.shape[0]]
+        return net_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale,
+                       guided_channels)[: x.shape[0]]
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if null is None:
-            return model(x, t, labels)
+            return net(x, t, labels)
         if interval is None:
             return cfg(x, t, labels, null)
         level = noise_level(t, method)
@@ -80,10 +87,10 @@ def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_c
         if bool(inside.all()):
             return cfg(x, t, labels, null)
         if not bool(inside.any()):
-            return model(x, t, labels)
+            return net(x, t, labels)
         out = torch.empty((x.shape[0], model.num_output_channels, *x.shape[2:]), device=x.device, dtype=x.dtype)
         out[inside] = cfg(x[inside], t[inside], labels[inside], null[inside]).to(x.dtype)
-        out[~inside] = model(x[~inside], t[~inside], labels[~inside]).to(x.dtype)
+        out[~inside] = net(x[~inside], t[~inside], labels[~inside]).to(x.dtype)
         return out
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -120,7 +127,8 @@ def sample_latents(model: DiT, gen: GenerationConfig, labels: torch.Tensor, seed
     generators = sample_generators(seeds, device)
     noise = torch.stack([torch.randn(latent_shape, generator=g, device=device) for g in generators])
     model_fn = guided_model_fn(model, labels.to(device), gen.cfg_scale, gen.guided_channels,
-                               amp_dtype(gen.amp, device), interval=gen.guidance_interval, method=gen.method)
+                               amp_dtype(gen.amp, device), interval=gen.guidance_interval, method=gen.method,
+                               time=gen.time)
     if gen.method == "ddpm":
         diffusion = create_diffusion(gen.sample_steps, learn_sigma=gen.learn_sigma, num_timesteps=DDPM_TIMESTEPS)
         if gen.sampler == "ddim":
@@ -129,8 +137,11 @@ def sample_latents(model: DiT, gen: GenerationConfig, labels: torch.Tensor, seed
     transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps)
     if gen.sampler == "sde":
         return sample_sde(transport, model_fn, noise, num_steps=int(gen.sample_steps), generator=generators)[0]
-    steps = 50 if gen.ode_method == "dopri5" or not gen.sample_steps.isdigit() else int(gen.sample_steps)
-    return sample_ode(transport, model_fn, noise, method=gen.ode_method, num_steps=steps)[0]
+    # sample_steps counts Euler/Heun steps (REPA's num_steps); sample_ode, as SiT's, counts the grid's points, one
+    # more. (SiT's and LightningDiT's "250" is 250 points = 249 steps: their grids are sample_steps 249 here.)
+    steps = 49 if gen.ode_method == "dopri5" or not gen.sample_steps.isdigit() else int(gen.sample_steps)
+    return sample_ode(transport, model_fn, noise, method=gen.ode_method, num_steps=steps + 1,
+                      timestep_shift=gen.timestep_shift)[0]
 
 
 def sample_images(model: DiT, decode: Callable[[torch.Tensor], torch.Tensor], gen: GenerationConfig,

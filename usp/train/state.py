@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from usp.data.sampler import DataStream
-from usp.train.checkpoint import load_strict
+from usp.run.weights import load_strict
 
 
 @torch.no_grad()
