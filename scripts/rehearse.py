@@ -186,8 +186,9 @@ class Rehearsal:
     def pretrain_run(self, config) -> str:
         """The rehearsal's pretraining run of this encoder (model size and patch, latent space)."""
         size_patch = "_".join(config.model.name.split("_")[1:3])
+        family = config.latent.space.replace("sd-vae-ft-mse", "sd-vae-ft-ema")  # one SD-VAE encoder, two decoders
         for (name, space), run in self.pretrain_runs.items():
-            if "_".join(name.split("_")[1:3]) == size_patch and space == config.latent.space:
+            if "_".join(name.split("_")[1:3]) == size_patch and space.replace("-mse", "-ema") == family:
                 return str(run)
         return "null"  # no pretraining of it rehearsed (or it failed): the stage runs from scratch
 
