@@ -77,7 +77,7 @@ def main(root: Path) -> None:
     card = namespace["sample"](labels, [torch.Generator().manual_seed(s + 1_000_003) for s in seeds])
     model, config = load_generator(hub)
     ref = sample_latents(model, config.generation, labels, seeds, (C, 8, 8))
-    print(f"SiT card loop (diffusers only) vs usp sampler (ODE Heun, 6 grid points, CFG 2.0 all channels): max abs "
+    print(f"SiT card loop (diffusers only) vs usp sampler (ODE Heun, 6 steps, CFG 2.0 all channels): max abs "
           f"diff {(card - ref).abs().max():.3g} (latents, |max| {ref.abs().max():.3g})")
 
     import timm

@@ -182,13 +182,16 @@ def test_dit_pipeline_equals_usp_sample(tmp_path, small_vae_dir):
 
 EULER_INTERVAL = ["generation.ode_method=euler", "generation.sample_steps=5", "generation.cfg_scale=1.5",
                   "generation.guided_channels=4", "generation.guidance_interval=[0.0,0.7]"]
+REPA_SHIFT = ["generation.ode_method=euler", "generation.sample_steps=4", "generation.time=repa",
+              "generation.timestep_shift=0.3"]
 
 
-@pytest.mark.parametrize("sampler", [[], EULER_INTERVAL], ids=["heun-cfg-all", "euler-4-channels-interval"])
+@pytest.mark.parametrize("sampler", [[], EULER_INTERVAL, REPA_SHIFT],
+                         ids=["heun-cfg-all", "euler-4-channels-interval", "repa-time-shifted-grid"])
 def test_sit_export_card_sampler_equals_usp(tmp_path, small_vae_dir, sampler):
-    """The SiT card's diffusers-only loop (Heun 6 grid points, CFG 2 on all channels; or Euler, CFG 1.5 on 4 channels
-    inside a guidance interval) gives usp's samples; diffusers' FlowMatchEulerDiscreteScheduler with the card's
-    sigmas gives usp's Euler ODE."""
+    """The SiT card's diffusers-only loop (Heun 6 steps, CFG 2 on all channels; Euler 5 steps, CFG 1.5 on 4 channels
+    inside a guidance interval; a network trained in REPA time on a shifted Euler grid) gives usp's samples;
+    diffusers' FlowMatchEulerDiscreteScheduler with the card's sigmas gives usp's Euler ODE."""
     from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     from usp.diffusion import create_transport, sample_ode
@@ -363,6 +366,12 @@ def test_bad_inputs_are_one_clear_error(tmp_path, small_vae_dir):
     hub, notes = export(moved, "hub", tmp_path / "g")  # the Hub folder keeps the usp file and says why
     assert not (hub / "transformer").exists() and (hub / "usp" / "weights.safetensors").is_file()
     assert "library_name: usp" in (hub / "README.md").read_text() and "position table" in notes[0]
+    lightning = write_run(tmp_path / "ld", "lightningdit_t_1", "finetune",
+                          [*_generator_overrides(small_vae_dir, "sit"), "model.affine_norms=false"])
+    with pytest.raises(ValueError, match="which --to diffusers cannot hold.*export it --to hub"):
+        export(lightning, "diffusers", tmp_path / "h")
+    hub, notes = export(lightning, "hub", tmp_path / "i")
+    assert "no diffusers or timm folder" in notes[0] and "library_name: usp" in (hub / "README.md").read_text()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from usp.config import GENERATION_PRESETS, GenerationConfig, config_from_dict, load_config
+from usp.diffusion import build_objective
 from usp.models import create_model
-from usp.sample.guided import guided_model_fn, noise_level, sample_latents
+from usp.sample.guided import guided_model_fn, sample_latents
 
 SHAPE = (4, 4, 4)  # latents (C, h, w)
 LABELS, SEEDS = torch.tensor([3, 7]), [11, 12]
@@ -124,18 +125,22 @@ def test_a_partial_interval_guides_exactly_the_calls_inside_it(models, name):
     assert calls.times(guided=False) == pytest.approx(outside, abs=1e-6)
 
 
+def noise_level(method: str):
+    return build_objective(GenerationConfig(**SAMPLERS["ddpm" if method == "ddpm" else "sde"])).noise_level
+
+
 def test_noise_level_maps_each_time_convention():
-    assert noise_level(torch.tensor([999, 700, 0]), "ddpm").tolist() == [0.999, 0.7, 0.0]
-    assert noise_level(torch.tensor([0.0, 0.25, 1.0]), "transport").tolist() == [1.0, 0.75, 0.0]
+    assert noise_level("ddpm")(torch.tensor([999, 700, 0])).tolist() == [0.999, 0.7, 0.0]
+    assert noise_level("transport")(torch.tensor([0.0, 0.25, 1.0])).tolist() == [1.0, 0.75, 0.0]
     with pytest.raises(ValueError, match="method"):
-        noise_level(torch.tensor([0.5]), "edm")
+        build_objective(GenerationConfig(method="edm"))
 
 
 def test_mixed_times_in_one_batch_guide_only_the_rows_inside(models):
     model = models["transport"]
     x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1))
     t, y = torch.tensor([0.1, 0.5, 0.9, 0.5]), torch.tensor([1, 2, 3, 4])  # t_noise 0.9, 0.5, 0.1, 0.5
-    out = guided_model_fn(model, y, 2.0, None, interval=(0.3, 0.7), method="transport")(x, t)
+    out = guided_model_fn(model, y, 2.0, None, interval=(0.3, 0.7), noise_level=noise_level("transport"))(x, t)
     full = guided_model_fn(model, y, 2.0, None)(x, t)
     cond = guided_model_fn(model, y, 1.0, None)(x, t)
     inside = torch.tensor([False, True, False, True])

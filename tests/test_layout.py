@@ -9,6 +9,7 @@ ALLOWED_UPWARD.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,8 +102,45 @@ def test_models_know_nothing_of_training_data_or_files_of_a_run():
         assert {m for m in usp_imports(path) if not m.startswith("usp.models")} == set(), path.name
 
 
-def test_every_package_says_what_lives_there():
-    for init in PACKAGE.rglob("__init__.py"):
+PACKAGES = sorted(key.split(".")[1] for key in LAYER if key.count(".") == 1)  # config, run, models, ...
+
+
+def may_import(doc: str) -> set[str]:
+    """The usp packages a docstring's "May import: ..." clause names (up to its first ';', '.' or 'never'; words in
+    parentheses are comments)."""
+    clause = re.split(r"may import:?", doc, flags=re.IGNORECASE)[1]
+    clause = re.split(r";|\.\s|\.$|\bnever\b", re.sub(r"\([^)]*\)", "", clause), flags=re.IGNORECASE)[0]
+    return {name for name in PACKAGES if re.search(rf"\b{name}\b", clause)}
+
+
+def test_every_package_says_what_lives_there_and_what_it_may_import():
+    """Each package docstring names the usp packages it may import ("May import: ..."); every package its modules
+    import (function-level imports included) is named there, and everything named lies below it."""
+    problems = []
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        where = init.relative_to(PACKAGE.parent)
         doc = ast.get_docstring(ast.parse(init.read_text()))
-        assert doc and len(doc) > 80 and "import" in doc, f"{init.relative_to(PACKAGE.parent)} needs a docstring " \
-            "saying what lives there and what it may import"
+        if not (doc and len(doc) > 80 and re.search(r"may import", doc, re.IGNORECASE)):
+            problems.append(f"{where} needs a docstring saying what lives there and a 'May import: ...' clause")
+            continue
+        named = may_import(doc)
+        if init.parent == PACKAGE:  # the root: its own __init__ imports nothing of usp
+            imported = {m.split(".")[1] for m in usp_imports(init) if m.count(".")}
+        else:
+            home = init.parent.relative_to(PACKAGE).parts[0]
+            imported = {m.split(".")[1] for path in init.parent.rglob("*.py") for m in usp_imports(path)
+                        if m.count(".")} - {home}
+            level = LAYER[f"usp.{home}"]
+            above = sorted(name for name in named if LAYER[f"usp.{name}"] >= level and name != home)
+            if above:
+                problems.append(f"{where} says it may import {above}, which do not lie below it")
+        if imported - named:
+            problems.append(f"{where}: its modules import {sorted(imported - named)}, which its docstring does not "
+                            f"name (it names {sorted(named)})")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_docstring_reader_reads_the_clause_only():
+    assert may_import("May import: config, run (not models), data; never train or demo.") == {"config", "run", "data"}
+    assert may_import("May import: torch, numpy and `usp.config`; nothing above (no latent)") == {"config"}
+    assert may_import("May import: nothing else of usp (layer 0).") == set()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from usp.config import config_from_dict
-from usp.diffusion import create_transport, sample_ode
+from usp.diffusion import build_objective, create_transport, sample_ode
 from usp.diffusion.lightning import cosine_velocity_loss, sample_t, shift_grid
 from usp.models import create_model
 from usp.sample.guided import guided_model_fn, sample_latents
@@ -121,7 +121,7 @@ def test_guidance_on_three_channels_with_the_interval_start_is_lightningdits(t_v
     preset = config_from_dict({"generation": {"method": "transport", "preset": "lightningdit"}}).generation
     assert (preset.cfg_scale, preset.guided_channels, tuple(preset.guidance_interval)) == (10.0, 3, (0.0, 0.9))
     fn = guided_model_fn(model, y, preset.cfg_scale, preset.guided_channels, interval=preset.guidance_interval,
-                         method=preset.method)
+                         noise_level=build_objective(preset).noise_level)
     with torch.no_grad():
         ours, cond = fn(x, t), model(x, t, y)
         theirs = lightning_forward_with_cfg(model, x, t, y, torch.full_like(y, 10), 10.0, 0.10)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from usp.config import PROBE_MIN_STEPS, load_config
-from usp.train.engine import Plan, Runtime
+from usp.train.engine import BatchPlan as Plan
+from usp.train.engine import Runtime
 from usp.train.optim import lr_at
 
 ONE = Runtime(rank=0, world_size=1, device=torch.device("cpu"))

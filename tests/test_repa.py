@@ -206,12 +206,12 @@ def test_repa_trains_the_projector_not_the_teacher_and_resumes_bitwise(repa_reci
 
 def test_projector_is_optimised_and_left_out_of_the_sampling_weights(repa_recipe, tmp_path):
     from usp.sample.run import build_generator, run_sampling
-    from usp.train.engine import Plan, build_state
+    from usp.train.engine import BatchPlan, build_state
 
     overrides, _, _ = repa_recipe
     config = load_config(None, [*overrides, "run.name=export", "train.max_steps=2"])
     task = build_task(config)
-    state = build_state(config, task, CPU, Plan.of(config.train, 0, len(task.train_set), CPU))
+    state = build_state(config, task, CPU, BatchPlan.of(config.train, 0, len(task.train_set), CPU))
     optimised = {id(p) for group in state.optimizer.param_groups for p in group["params"]}
     assert all(id(p) in optimised for p in task.model.projectors.parameters())
     assert not any(id(p) in optimised for p in task.teacher.parameters())

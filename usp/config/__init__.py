@@ -3,7 +3,9 @@
 An unknown key or a value of the wrong type is a `ValueError` that names the key and what is
 allowed; invariants are checked once in `Config.validate`. Every run writes its resolved recipe.
 sections.py holds the dataclasses (one per YAML section) and the presets; loading.py the files, `base:`
-inheritance, overrides and path resolution. Layer 0: imports nothing else of usp.
+inheritance, overrides and path resolution.
+
+May import: nothing else of usp (layer 0: every package reads recipes).
 """
 
 from usp.config.loading import (
@@ -22,6 +24,7 @@ from usp.config.loading import (
 from usp.config.sections import (
     GENERATION_PRESETS,
     PROBE_MIN_STEPS,
+    SAMPLERS,
     TASKS,
     ClassifyConfig,
     Config,
@@ -33,7 +36,7 @@ from usp.config.sections import (
     PretrainConfig,
     RepaConfig,
     RunConfig,
-    Task,
+    TaskName,
     TrainConfig,
     VaeConfig,
     apply_generation_preset,
@@ -51,7 +54,7 @@ __all__ = [
     "load_config",
     "save_config",
     "split_overrides",
-    "Task",
+    "TaskName",
     "TASKS",
     "PROBE_MIN_STEPS",
     "RunConfig",
@@ -61,6 +64,7 @@ __all__ = [
     "PretrainConfig",
     "GenerationConfig",
     "GENERATION_PRESETS",
+    "SAMPLERS",
     "apply_generation_preset",
     "VaeConfig",
     "OptimConfig",

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 import yaml
 
-Task = Literal["pretrain", "finetune", "probe", "classify", "vae"]
-TASKS: tuple[str, ...] = typing.get_args(Task)
+TaskName = Literal["pretrain", "finetune", "probe", "classify", "vae"]
+TASKS: tuple[str, ...] = typing.get_args(TaskName)
 # The linear probe's floor on steps. Measured (docs/probe_small_data.md): the paper's probe (batch 1 024, 10
 # epochs) on 1 500 Fashion-MNIST images takes 10 steps and reaches 57.8 % top-1 against 73.0 % of logistic
 # regression on the same frozen features; stretched to 100 / 500 steps at the same summed lr: 70.2 / 74.6 %.
@@ -21,7 +21,7 @@ PROBE_MIN_STEPS = 500
 
 @dataclass
 class RunConfig:
-    task: Task = "pretrain"
+    task: TaskName = "pretrain"
     name: str = "run"
     out_dir: str = "runs"  # the run directory is out_dir/name
     root: str | None = None  # relative paths of the recipe resolve here (relative to the recipe file); None: cwd
@@ -124,7 +124,7 @@ class GenerationConfig:
     domain_reference: str | None = None  # the real images of that FD: an ADM-format NPZ (arr_0 uint8 N×H×W×3)
     # Guidance interval (Kynkäänniemi et al., NeurIPS 2024): CFG only where the noise level t_noise ∈ [low, high],
     # t_noise 1 = pure noise, 0 = data, both ends included (REPA); elsewhere the model runs conditional only.
-    # null = guide at every step. Mapped per sampler by usp.sample.guided.noise_level (docs/conventions.md).
+    # null = guide at every step. Mapped by the objective's noise_level (usp.diffusion.objective, docs/conventions.md).
     guidance_interval: tuple[float, float] | None = None
     # A published sampling setting (GENERATION_PRESETS); it fills the generation keys that the recipe file or the
     # override list naming it does not set (see apply_generation_preset).
@@ -140,6 +140,9 @@ class GenerationConfig:
     cosine_loss: bool = False
     timestep_shift: float = 0.0
 
+
+# The samplers of each generation.method (usp.diffusion's objectives implement them; a test keeps the two equal).
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim"), "transport": ("ode", "sde")}
 
 # What each `generation.preset` sets. dit: DiT's FID-50K setting (Peebles & Xie 2023, Table 4 / sample_ddp.py:
 # 250 DDPM steps, cfg 1.5 on 3 of 4 latent channels). repa: REPA's (Yu et al. 2025, README / generate.py: SDE
@@ -268,7 +271,7 @@ class Config:
     repa: RepaConfig = field(default_factory=RepaConfig)
 
     def validate(self) -> Config:
-        samplers = ("ddpm", "ddim") if self.generation.method == "ddpm" else ("ode", "sde")
+        samplers = SAMPLERS[self.generation.method]
         if self.generation.preset != "none" and self.generation.sampler not in samplers:
             raise ValueError(f"generation.preset={self.generation.preset} samples with "
                              f"{self.generation.sampler}, which a generation.method={self.generation.method} model "

@@ -3,5 +3,6 @@ recipes, engine and commands as the ImageNet runs (`pipeline.py`), or with `--da
 from the recipes `usp init` writes (`own_data.py`), and writes a report built from the results (`report.py`, with
 the USP-vs-scratch verdict of `verdict.py`).
 
-May import everything below it (train, sample, evaluate, latent, models, data, config, recipe_tools); never cli.
+May import: train, sample, evaluate, latent, models, diffusion, data, run, config, recipe_tools (everything
+below it); never cli.
 """

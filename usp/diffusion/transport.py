@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from usp.diffusion.gaussian import Generators, randn_like
+from usp.diffusion.gaussian import Generators, mean_flat, randn_like
 from usp.diffusion.lightning import cosine_velocity_loss, shift_grid
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x: (N, C, H, W), t: (N,) float) -> (N, C, H, W)
@@ -33,11 +33,6 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x: (N, C, H, W), t: (N,) float)
 def _expand(t: Tensor, x: Tensor) -> Tensor:
     """(N,) -> (N, 1, ..., 1) broadcastable to x."""
     return t.view(-1, *([1] * (x.ndim - 1)))
-
-
-def mean_flat(x: Tensor) -> Tensor:
-    """(N, ...) -> (N,) mean over all but the batch dimension."""
-    return x.mean(dim=tuple(range(1, x.ndim)))
 
 
 # --------------------------------------------------------------------------------------------

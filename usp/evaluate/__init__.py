@@ -2,8 +2,8 @@
 domain classifier for small data (its "domain FD" is not comparable to Inception FID), quick frozen-feature
 probes (logistic regression, k-NN) and the restoration figure of a pretraining run.
 
-May import: config, data, latent, models, and `usp.run.checkpoint` (the weights format); never the engine,
-the tasks, demo or cli.
+May import: config, run (the weights and log readers), data, models, diffusion (the objective's noising, for
+the backbone probe), latent; never sample, train, demo or cli.
 """
 
 from usp.evaluate.domain import DomainEvaluator, domain_metrics, train_domain_classifier, train_domain_cnn

@@ -219,7 +219,7 @@ def domain_metrics(
     if bootstrap > 1:
         rng = np.random.default_rng(seed)  # the eigh path: the same value to ~1e-9, ~10x faster than sqrtm
         draws = [frechet_distance(*compute_statistics(features[rng.integers(0, len(features), len(features))]),
-                                  mu_r, sigma_r, method="eigh") for _ in range(bootstrap)]
+                                  mu_r, sigma_r, matrix_sqrt="eigh") for _ in range(bootstrap)]
         spread = float(np.std(draws, ddof=1))
     agreement = float("nan")
     if fake_labels is not None:

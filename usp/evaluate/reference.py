@@ -243,9 +243,9 @@ def evaluate_npz(
     sample_stats = inception_stats(sample)
     # ADM: sample_stats.frechet_distance(ref_stats), i.e. the samples as the first argument
     fid = frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"],
-                           method=fd_method)
+                           matrix_sqrt=fd_method)
     sfid = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"],
-                            method=fd_method)
+                            matrix_sqrt=fd_method)
     precision = recall = math.nan
     if ref is not None:
         precision, recall = precision_recall(ref.pool, sample.pool, device=str(extractor.device))

@@ -19,7 +19,8 @@ from pathlib import Path
 
 TARGETS = ("diffusers", "timm", "hub")
 # Which target holds which family (the registry's families; a `vae` run has no model name there).
-TARGET_FAMILIES = {"diffusers": ("dit", "sit"), "timm": ("vit", "vit_cls"), "hub": ("dit", "sit", "vit", "vit_cls")}
+TARGET_FAMILIES = {"diffusers": ("dit", "sit"), "timm": ("vit", "vit_cls"),
+                   "hub": ("dit", "sit", "lightningdit", "vit", "vit_cls", "vit_lightning")}
 
 
 def read_run_weights(path: str | Path):
@@ -74,7 +75,7 @@ def export(weights_path: str | Path, target: str, out: str | Path, license: str 
         fits = [t for t, fams in TARGET_FAMILIES.items() if family in fams]
         raise ValueError(f"{weights_path} holds {held}, which --to {target} cannot hold ({target} takes "
                          f"{'/'.join(TARGET_FAMILIES[target])} weights); "
-                         + (f"export it --to {' or --to '.join(fits)}" if fits else "VAE runs are not exported"))
+                         + (f"export it --to {' or --to '.join(fits)}" if fits else "it has no export target"))
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder for the export")

@@ -30,12 +30,15 @@ def _scheduler(config, notes: list[str]):
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     gen = config.generation
-    if gen.method == "ddpm":
-        return DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                             clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon",
-                             timestep_spacing="leading")
-    if gen.path == "linear" and gen.prediction == "velocity":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    schedulers = {  # per generation.method
+        "ddpm": lambda: DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                                      clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                      prediction_type="epsilon", timestep_spacing="leading"),
+        "transport": lambda: (FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+                              if gen.path == "linear" and gen.prediction == "velocity" else None),
+    }
+    if (scheduler := schedulers[gen.method]()) is not None:
+        return scheduler
     notes.append(f"no diffusers scheduler: the {gen.path} path with {gen.prediction} prediction has no diffusers "
                  "equivalent; sample with usp")
     return None
@@ -100,11 +103,14 @@ def write_diffusers(model: DiT, config, family: str, out: Path, class_names: lis
     scale, shift = scale_and_shift(config.latent.space, config.latent.path)
     objective = ({"method": "ddpm", "learn_sigma": gen["learn_sigma"], "num_timesteps": 1000,
                   "betas": "linear 1e-4..0.02"}
-                 if family == "dit" else {k: gen[k] for k in ("method", "path", "prediction", "train_eps", "sample_eps",
-                                                              "sampler", "ode_method", "sample_steps")})
+                 if family == "dit" else {k: gen[k] for k in ("method", "time", "path", "prediction", "train_eps",
+                                                              "sample_eps", "sampler", "ode_method", "sample_steps",
+                                                              "timestep_shift")})
     usp = {"family": family, "model": config.model.name, "num_classes": model.y_embedder.num_classes,
            "null_label_row": PIPELINE_NULL_LABEL if model.y_embedder.dropout_prob > 0 else None,
-           "time_input": "DDPM timestep 0..999" if family == "dit" else "transport t in [0, 1], 0 = noise, 1 = data",
+           "time_input": "DDPM timestep 0..999" if family == "dit" else (
+               "transport t in [0, 1], 0 = noise, 1 = data" if gen["time"] == "sit"
+               else "REPA time s in [0, 1], 0 = data, 1 = noise; the output is the velocity dx/ds"),
            "objective": objective,
            "guidance": {k: gen[k] for k in ("cfg_scale", "guided_channels", "guidance_interval")},
            "latent": {"space": config.latent.space, "channels": spec_of(config.latent.space).channels,

@@ -16,6 +16,9 @@ from pathlib import Path
 import yaml
 
 HUB_DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist"}
+NO_FORM = {"lightningdit": "diffusers has no LightningDiT transformer (SwiGLU, RMSNorm, 2-D RoPE)",
+           "vit_lightning": "timm's VisionTransformer has no encoder with LightningDiT's blocks (RMSNorm, SwiGLU, "
+                            "RoPE)"}
 TASK_TAGS = {"pretrain": ["masked-latent-modeling", "feature-extraction"], "probe": ["image-classification"],
              "classify": ["image-classification"], "finetune": ["class-conditional-image-generation"]}
 
@@ -24,6 +27,7 @@ def write_hub(weights, meta, config, family: str, out: Path, class_names: list[s
               source: Path) -> list[str]:
     from usp.run.weights import resolve_weights
 
+    notes: list[str] = []
     if family in ("dit", "sit"):
         from usp.export import build_run_generator
         from usp.export.diffusers import write_diffusers
@@ -32,17 +36,18 @@ def write_hub(weights, meta, config, family: str, out: Path, class_names: list[s
             notes = write_diffusers(build_run_generator(weights, config), config, family, out, class_names)
         except ValueError as err:  # diffusers cannot hold this network (it is refused before anything is written)
             notes = [f"no diffusers folder: {err}"]
-    else:
+    elif family in ("vit", "vit_cls"):
         from usp.export.timm import write_timm
 
         write_timm(weights, config, family, out, class_names)
-        notes = []
+    else:
+        notes = [f"no diffusers or timm folder: {NO_FORM[family]}"]
     source = resolve_weights(source)
     (out / "usp").mkdir()
     shutil.copyfile(source, out / "usp" / "weights.safetensors")
     (out / "usp" / "recipe.yaml").write_text(config.to_yaml())
-    in_diffusers = (out / "transformer").is_dir()
-    card = model_card(meta, config, family, class_names, license, source.parent.parent, notes, in_diffusers)
+    library = "diffusers" if (out / "transformer").is_dir() else "timm" if (out / "config.json").is_file() else "usp"
+    card = model_card(meta, config, family, class_names, license, source.parent.parent, notes, library)
     (out / "README.md").write_text(card)
     return notes
 
@@ -52,13 +57,12 @@ def write_hub(weights, meta, config, family: str, out: Path, class_names: list[s
 # --------------------------------------------------------------------------------------------
 
 
-def _metadata(config, family: str, license: str, in_diffusers: bool) -> str:
-    library = ("diffusers" if in_diffusers else "usp") if family in ("dit", "sit") else "timm"
+def _metadata(config, family: str, license: str, library: str) -> str:
     source = config.data.source
     dataset = HUB_DATASETS.get(source) or Path(config.data.root or "images").name
     tags = ["usp", family.replace("_cls", ""), library, *TASK_TAGS.get(config.run.task, [])]
     meta = {"library_name": library, "license": license, "datasets": [dataset], "tags": tags}
-    if family in ("vit", "vit_cls"):
+    if family in ("vit", "vit_cls", "vit_lightning"):
         meta["pipeline_tag"] = "image-classification" if family == "vit_cls" else "image-feature-extraction"
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
@@ -131,19 +135,34 @@ run's own setting is {gen.sampler}, {gen.sample_steps} steps, CFG {gen.cfg_scale
 generation.guided_channels={spec.channels}` gives the same images as the pipeline above (with DiT's time frequencies
 set) called with `class_labels=[i % {config.model.num_classes} for i in range(N)]`, `num_inference_steps=50` and one
 generator per image, `torch.Generator().manual_seed(seed + i + 1_000_003)`."""
+    if gen.path != "linear" or gen.prediction != "velocity":
+        return (f"diffusers has no SiT pipeline and no scheduler for the {gen.path} path with {gen.prediction} "
+                "prediction: sample with usp (below). The transformer itself loads as a `DiTTransformer2DModel` "
+                '(`from_pretrained("OUT", subfolder="transformer")`).')
+    return _sit_loop(config, g, side)
+
+
+def _sit_loop(config, g: int | None, side: int) -> str:
+    """A diffusers-only loop that is usp's fixed-grid ODE sampler (linear path, velocity prediction)."""
+    gen = config.generation
     heun = gen.sampler == "ode" and gen.ode_method == "heun"
-    steps = int(gen.sample_steps) if gen.sample_steps.isdigit() else 50
+    # sample_steps counts Euler / Heun steps: the grid has one point more (usp.sample.guided.sample_latents)
+    steps = int(gen.sample_steps) if gen.sample_steps.isdigit() and gen.ode_method != "dopri5" else 49
     mix = "cond, uncond = v.chunk(2)" if g is None else f"cond, uncond = v[:, :{g}].chunk(2)  # guided channels"
-    scale = "s" if gen.guidance_interval is None else "s_t"
-    mixed = (f"uncond + {scale} * (cond - uncond)" if g is None
-             else f"torch.cat([uncond + {scale} * (cond - uncond), v[:len(x), {g}:]], 1)")
-    interval = ("" if gen.guidance_interval is None else  # guide only where the noise level 1 - t is inside
-                f"\n    s_t = s if {gen.guidance_interval[0]} <= 1 - float(t) <= {gen.guidance_interval[1]} else 1.0")
-    sde = (f" (the run itself sampled with the {gen.sampler.upper()}, which this loop does not do)"
-           if gen.sampler != "ode" else "")
+    mixed = ("uncond + s * (cond - uncond)" if g is None
+             else f"torch.cat([uncond + s * (cond - uncond), v[:len(x), {g}:]], 1)")
+    guided = "s > 1" if gen.guidance_interval is None else (  # guide only where the noise level 1 - t is inside
+        f"s > 1 and {gen.guidance_interval[0]} <= 1 - float(t) <= {gen.guidance_interval[1]}")
+    net_call = ("net(x, timestep=t.expand(len(x)), class_labels=y).sample[:, :C]" if gen.time == "sit" else
+                "-net(x, timestep=(1 - t).expand(len(x)), class_labels=y).sample[:, :C]  # trained in REPA time")
+    shift = gen.timestep_shift
+    grid = f"ts = torch.linspace(0, 1, {steps + 1})" + (
+        f"\n    ts = {shift} * ts / (1 + ({shift} - 1) * ts)  # the run's timestep shift" if shift > 0 else "")
+    note = (f" (the run itself sampled with the {gen.sampler.upper()}, which this loop does not do)"
+            if gen.sampler != "ode" else " (dopri5 is adaptive: this is a 49-step grid instead)"
+            if gen.ode_method == "dopri5" else "")
     return f"""diffusers has no SiT pipeline; the transformer loads as a `DiTTransformer2DModel` and this loop is usp's
-{'Heun' if heun else 'Euler'} ODE sampler (t from 0 = noise to 1 = data on {steps} grid points, linear path,
-velocity){sde}:
+{'Heun' if heun else 'Euler'} ODE sampler ({steps} steps, t from 0 = noise to 1 = data, linear path, velocity){note}:
 ```python
 import torch
 from diffusers import DiTTransformer2DModel
@@ -153,16 +172,20 @@ for block in net.transformer_blocks:  # DiT's timestep frequencies (diffusers' d
     block.norm1.emb.time_proj.downscale_freq_shift = 0
 C, s = net.config.in_channels, {gen.cfg_scale}
 
-def velocity(x, t, y):  # guided velocity; the null label is row 1000 of the label table{interval}
-    v = net(torch.cat([x, x]), timestep=t.expand(2 * len(x)), class_labels=torch.cat([y, torch.full_like(y, 1000)]))
-    v = v.sample[:, :C]
+def net_velocity(x, t, y):  # the network's velocity at SiT time t
+    return {net_call}
+
+def velocity(x, t, y):  # guided; the null label is row 1000 of the label table
+    if not ({guided}):
+        return net_velocity(x, t, y)
+    v = net_velocity(torch.cat([x, x]), t, torch.cat([y, torch.full_like(y, 1000)]))
     {mix}
     return {mixed}
 
 @torch.no_grad()
 def sample(y, generators):
     x = torch.stack([torch.randn(C, {side}, {side}, generator=g) for g in generators])
-    ts = torch.linspace(0, 1, {steps})
+    {grid}
     for t0, t1 in zip(ts[:-1], ts[1:]):
         k1 = velocity(x, t0, y)
         {'k2 = velocity(x + (t1 - t0) * k1, t1, y)' if heun else 'k2 = k1'}
@@ -171,9 +194,9 @@ def sample(y, generators):
 ```
 {_decode_hint(config)}
 For Euler, diffusers' `FlowMatchEulerDiscreteScheduler` (in scheduler/, shift 1) takes the same steps when given
-`sigmas = 1 - ts[:-1]` and the model's output negated (its time runs from noise σ = 1 to data σ = 0). usp's Heun
-does not match `FlowMatchHeunDiscreteScheduler` (that grid ends at σ_min and its last step is Euler), nor its
-default dopri5 any fixed-step scheduler."""
+`sigmas = 1 - ts[:-1]` and the network's SiT-time velocity negated (its time runs from noise σ = 1 to data σ = 0).
+usp's Heun does not match `FlowMatchHeunDiscreteScheduler` (that grid ends at σ_min and its last step is Euler),
+nor dopri5 any fixed-step scheduler."""
 
 
 def _decode_hint(config) -> str:
@@ -194,7 +217,7 @@ def _decode_hint(config) -> str:
 
 
 def model_card(meta, config, family: str, class_names, license: str, run_dir: Path, notes: list[str],
-               in_diffusers: bool = True) -> str:
+               library: str) -> str:
     from usp.latent.vae import scale_and_shift, spec_of
 
     spec = spec_of(config.latent.space)
@@ -202,8 +225,9 @@ def model_card(meta, config, family: str, class_names, license: str, run_dir: Pa
     side = config.data.image_size // spec.factor
     repa = ", REPA" if config.repa.enabled else ""
     what = {"dit": "DiT (DDPM, learned sigma)", "sit": f"SiT (transport{repa})",
-            "vit": "USP encoder (masked latent modeling)", "vit_cls": "ViT classifier on latents"}[family]
-    lines = [_metadata(config, family, license, in_diffusers), f"# {config.run.name}: {meta['model']}, {what}", "",
+            "lightningdit": "LightningDiT (transport)", "vit": "USP encoder (masked latent modeling)",
+            "vit_lightning": "USP encoder with LightningDiT's blocks", "vit_cls": "ViT classifier on latents"}[family]
+    lines = [_metadata(config, family, license, library), f"# {config.run.name}: {meta['model']}, {what}", "",
              f"Trained with [usp](https://arxiv.org/abs/2503.06132) (`usp {config.run.task}`), step {meta.get('step')}"
              f"{', EMA weights' if meta.get('ema') else ''}; initialised from `{config.model.init or 'random'}`.", "",
              "## Latents", "",
@@ -218,9 +242,9 @@ def model_card(meta, config, family: str, class_names, license: str, run_dir: Pa
     lines += (["| metric | value | step | protocol |", "|---|---|---|---|", *rows] if rows
               else ["No log.jsonl beside the weights file: no metric to report."])
     lines += ["", "## Load without usp", ""]
-    if family in ("dit", "sit") and not in_diffusers:
-        lines.append("This network has no diffusers form (see Notes); `usp/weights.safetensors` holds it.")
-    elif family in ("dit", "sit"):
+    if library == "usp":
+        lines.append("This network has no diffusers or timm form (see Notes); `usp/weights.safetensors` holds it.")
+    elif library == "diffusers":
         lines.append(_diffusers_usage(config, family))
     else:
         c = spec.channels
@@ -228,15 +252,16 @@ def model_card(meta, config, family: str, class_names, license: str, run_dir: Pa
                   'model = timm.create_model("local-dir:OUT", pretrained=True).eval()  # or "hf-hub:<user>/<repo>"',
                   "# or: timm.create_model(\"vit_base_patch16_224\", pretrained=True, **config['model_args'],",
                   "#         pretrained_cfg_overlay=dict(file='OUT/model.safetensors',",
-                  f"#                                     input_size=({c}, {side}, {side}),"
+                  f"#                                     input_size=({c}, {side}, {side}),",
                   "#                                     num_classes=config['num_classes']))",
                   f"features = model.forward_features(torch.randn(1, {c}, {side}, {side}))  # latents, see above",
                   "```"]
     lines += ["", "## Load with usp", "", "```bash"]
-    if family in ("dit", "sit"):
-        lines.append("usp sample OUT --num-samples 64 --out samples   # any generation.* override applies")
+    folder = "OUT" if library != "usp" else "OUT/usp/weights.safetensors"
+    if family in ("dit", "sit", "lightningdit"):
+        lines.append(f"usp sample {folder} --num-samples 64 --out samples   # any generation.* override applies")
     else:
-        lines.append(f"usp probe RECIPE model.init=OUT   # or usp classify / usp finetune; {config.model.name} layout")
+        lines.append(f"usp probe RECIPE model.init={folder}   # or usp classify / usp finetune; {config.model.name}")
     lines += ["```", "", "`usp/weights.safetensors` is the run's own weights file and `usp/recipe.yaml` its resolved "
               "recipe: `usp sample usp/weights.safetensors` or `model.init=usp/weights.safetensors` read them as usp "
               "wrote them."]

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from usp.latent.ldm import KL16_LAYOUT, VAVAE_F16D32_LAYOUT, LdmLayout, load_ldm_checkpoint
+from usp.run.runtime import AUTOCAST_DTYPES
 
 # One number for every channel, or one per channel.
 Stat = float | tuple[float, ...]
@@ -238,7 +239,7 @@ class LatentSpace(nn.Module):
 
     def set_speed(self, precision: VaePrecision | None = None, channels_last: bool = False) -> LatentSpace:
         """Choose the VAE's compute precision and memory layout (see the class docstring)."""
-        if precision not in (None, "fp32", *_DTYPES):
+        if precision not in (None, *AUTOCAST_DTYPES):
             raise ValueError(f"VAE precision must be None, 'fp32', 'bf16' or 'fp16', got {precision!r}")
         self.precision, self.channels_last = precision, channels_last
         if channels_last:
@@ -253,7 +254,7 @@ class LatentSpace(nn.Module):
             return images, contextlib.nullcontext()
         if self.precision == "fp32":
             return images, torch.autocast(images.device.type, enabled=False)  # exact even inside a caller's autocast
-        return images, torch.autocast(images.device.type, dtype=_DTYPES[self.precision])
+        return images, torch.autocast(images.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
     @classmethod
     def load(cls, name: str, path: str | None = None, *, cache: str | None = None,

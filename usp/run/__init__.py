@@ -3,5 +3,5 @@ training state and the weights file, the latest by step, the run lock), the one 
 (`weights.py`: a run's verified weights or a public checkpoint -> a flat state dict), the JSONL log and its
 reader (`log.py`), and the runtime (`runtime.py`: device, ranks, AMP dtype).
 
-Low enough that every stage may import it: may import only the package root (its errors); it imports no stage.
+May import: only the package root (its errors), so that every stage may import it; it imports no stage.
 """

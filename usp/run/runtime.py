@@ -44,11 +44,16 @@ def setup_runtime(device: str = "auto") -> Runtime:
     return Runtime(rank, world_size, torch_device)
 
 
+# The autocast dtype of each precision a recipe names (train.amp, generation.amp, latent.vae_precision); None = full
+# precision, no autocast. The one table: training, sampling and the VAE read it.
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """None = full precision. auto: bf16 on GPU, fp32 on CPU (CPU autocast is slower than fp32 here)."""
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+    return AUTOCAST_DTYPES[amp]
 
 
 def wrap_model(model: nn.Module, rt: Runtime, compile: bool) -> nn.Module:

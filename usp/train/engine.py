@@ -87,7 +87,7 @@ class _Diverged(Exception):
 
 
 @dataclass
-class Plan:
+class BatchPlan:
     """Batch arithmetic: progress is in optimiser steps of `global_batch` images."""
 
     micro_batch: int
@@ -97,7 +97,7 @@ class Plan:
     lr_factor: float = 1.0  # < 1 when a floor on steps stretched the schedule (min_steps)
 
     @classmethod
-    def of(cls, cfg: TrainConfig, warmup_epochs: float, dataset_len: int, rt: Runtime, min_steps: int = 0) -> Plan:
+    def of(cls, cfg: TrainConfig, warmup_epochs: float, dataset_len: int, rt: Runtime, min_steps: int = 0) -> BatchPlan:
         """min_steps: a floor on the steps of an epoch-based schedule. A small dataset's few large steps (the
         paper's probe at batch 1 024 on 1 500 images: 10 steps) become `min_steps` finer ones: the schedule is
         stretched (warm-up included) and the lr scaled by natural / min_steps, so the summed lr — how far the
@@ -116,7 +116,7 @@ class Plan:
         return cls(micro_batch, steps_per_epoch, total, warmup, natural / total)
 
 
-def build_state(config: Config, task: Task, rt: Runtime, plan: Plan) -> TrainState:
+def build_state(config: Config, task: Task, rt: Runtime, plan: BatchPlan) -> TrainState:
     torch.manual_seed(config.run.seed)
     model = task.model.to(rt.device)
     oc = config.optim
@@ -135,7 +135,7 @@ def build_state(config: Config, task: Task, rt: Runtime, plan: Plan) -> TrainSta
                              config.train.ema_decay)
 
 
-def restore(state: TrainState, ckpt_dir: Path, resume: str | None, plan: Plan, accum: int, rt: Runtime) -> None:
+def restore(state: TrainState, ckpt_dir: Path, resume: str | None, rt: Runtime) -> None:
     """resume: 'auto' (the newest checkpoint that verifies, if any), None (fresh; refuses to overwrite), a path."""
     if resume is None:
         if ckpt.latest_state(ckpt_dir) is not None:
@@ -150,8 +150,7 @@ def restore(state: TrainState, ckpt_dir: Path, resume: str | None, plan: Plan, a
     if found is None:
         return
     path, saved = found
-    epoch, done = divmod(saved["step"], plan.steps_per_epoch)  # states written before the data position was
-    state.load_state_dict(saved, str(path), legacy_position=(epoch, done * accum * plan.micro_batch))
+    state.load_state_dict(saved, str(path))
     log.info(f"resumed from {path} at step {state.step}")
 
 
@@ -168,7 +167,7 @@ class Loop:
     """The state of a running loop that is not saved: the wrapped model, the data iterator, running means,
     the count of consecutive skipped steps, the record."""
 
-    def __init__(self, config: Config, task: Task, rt: Runtime, plan: Plan, state: TrainState):
+    def __init__(self, config: Config, task: Task, rt: Runtime, plan: BatchPlan, state: TrainState):
         self.config, self.cfg, self.task, self.rt, self.plan, self.state = config, config.train, task, rt, plan, state
         self.run_dir, self.ckpt_dir = config.run_dir, config.run_dir / "checkpoints"
         self.train_model = wrap_model(state.model, rt, self.cfg.compile)
@@ -330,12 +329,12 @@ def train(config: Config, task: Task, runtime: Runtime | None = None, resume: st
     rt = runtime or setup_runtime(config.run.device)
     cfg, run_dir = config.train, config.run_dir
     with RunLock(run_dir) if rt.is_main else contextlib.nullcontext():  # one run per folder
-        plan = Plan.of(cfg, config.optim.warmup_epochs, len(task.train_set), rt, config.min_steps)
+        plan = BatchPlan.of(cfg, config.optim.warmup_epochs, len(task.train_set), rt, config.min_steps)
         state = build_state(config, task, rt, plan)
         if rt.is_main:  # before the first step, so a run that will not fit says so in its first lines
             log.info(estimate_run(config, task, plan.micro_batch, rt.device,
                                   autocast_dtype(cfg.amp, rt.device)).line() + f" at micro-batch {plan.micro_batch}")
-        restore(state, run_dir / "checkpoints", resume, plan, cfg.accum_steps, rt)
+        restore(state, run_dir / "checkpoints", resume, rt)
         if rt.is_main:
             save_config(config, run_dir / "config.yaml")
             ckpt.remove_stale_temps(run_dir / "checkpoints")  # of a writer killed mid-write

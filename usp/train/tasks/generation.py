@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 from usp.config import Config
-from usp.diffusion.lightning import sample_t
 from usp.diffusion.time import in_sit_time
 from usp.latent.data import LatentData
 from usp.latent.vae import LatentSpace
@@ -20,7 +19,7 @@ class GenerationTask:
     """DiT (DDPM, learned sigma) or SiT (transport) fine-tuning, from USP weights or from scratch."""
 
     def __init__(self, config: Config):
-        from usp.diffusion import create_diffusion, create_transport
+        from usp.diffusion import build_objective
         from usp.models.transfer import transfer_weights
         from usp.run.weights import load_weights
 
@@ -39,11 +38,7 @@ class GenerationTask:
             self.transfer_report.save(config.run_dir / "transfer.json")
             if os.environ.get("RANK", "0") == "0":  # what the user's checkpoint gave, once per run
                 print(self.transfer_report.summary(), flush=True)
-        if gen.method == "ddpm":
-            self.diffusion = create_diffusion(None, learn_sigma=gen.learn_sigma)
-        else:
-            self.transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps,
-                                              cosine_loss=gen.cosine_loss)
+        self.objective = build_objective(gen)  # DDPM (DiT) or transport (SiT), as the recipe says
         self._decoder: LatentSpace | None = self.data.vae
         self._domain = None
         self.teacher = None
@@ -104,19 +99,15 @@ class GenerationTask:
     def extras(self) -> dict:
         out = self.data.extras()
         out["noise"] = torch.randn(self.latent_shape)
-        if self.config.generation.method == "ddpm":
-            out["t"] = torch.randint(0, self.diffusion.num_timesteps, ())
-        else:
-            out["t"] = sample_t(*self.transport.interval(), self.config.generation.t_sampling)
+        out["t"] = self.objective.sample_t()
         return out
 
     def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         x, labels = self.data.latents(batch), batch["label"]
-        objective = self.diffusion if self.config.generation.method == "ddpm" else self.transport
         net = in_sit_time(model, self.config.generation.time)  # the objective speaks SiT time
         if self.teacher is None:
             model_fn = lambda x_t, t: net(x_t, t, labels)  # noqa: E731
-            losses = objective.training_losses(model_fn, x, t=batch["t"], noise=batch["noise"])
+            losses = self.objective.training_losses(model_fn, x, t=batch["t"], noise=batch["noise"])
             return {key: value.mean() for key, value in losses.items()}
         from usp.models.repa import projection_loss
 
@@ -129,7 +120,7 @@ class GenerationTask:
 
         model_fn = lambda x_t, t: in_sit_time(with_hidden, self.config.generation.time)(x_t, t, labels)  # noqa: E731
 
-        losses = {key: value.mean() for key, value in objective.training_losses(
+        losses = {key: value.mean() for key, value in self.objective.training_losses(
             model_fn, x, t=batch["t"], noise=batch["noise"]).items()}
         targets = self._repa_targets(batch)  # (N, T, D_teacher)
         projected = [projector(hidden[-1]) for projector in self.model.projectors]  # each (N, T, D_teacher)
