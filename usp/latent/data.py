@@ -44,7 +44,7 @@ class LatentData:
                                                      dc.crop_scale, dc.hflip and augment, dc.normalize)
             self.dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download, dc.exclude)
             self.vae = LatentSpace.load(lc.space, lc.path, precision=lc.vae_precision,
-                                        channels_last=lc.vae_channels_last)
+                                        channels_last=lc.vae_channels_last, max_batch=lc.vae_batch)
             self.scale, self.shift = self.vae.scale, self.vae.shift
 
     @property
