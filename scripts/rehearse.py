@@ -237,7 +237,9 @@ class Rehearsal:
         config = self.config(recipe, overrides)
         if group == "finetune" and config.latent.cache and not (self.cache_dir(config) / "train.latents").exists():
             cache = self.cache_dir(config)
-            cache_overrides = [o for o in overrides if not o.startswith(("latent.cache=", "repa."))]
+            # The REPA overrides stay: with the teacher online the cache holds latents only (no teacher tokens,
+            # which `usp cache-latents` of a REPA recipe otherwise computes with the recipe's teacher).
+            cache_overrides = [o for o in overrides if not o.startswith("latent.cache=")]
             self.run(f"cache/{cache.name}", ["cache-latents", recipe, "--out", str(cache), "--splits", "train",
                                              *cache_overrides])
         # The prediction keeps the recipe's model, batch and resolution; only files and data move to the stand-ins.

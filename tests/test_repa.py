@@ -265,6 +265,18 @@ def test_repa_recipe_errors_name_the_fix(repa_recipe):
         build_task(load_config(None, [*overrides, "run.name=e2", "repa.teacher_weights=null"]))
 
 
+def test_an_offline_teacher_download_names_the_local_weights_key(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):  # what huggingface_hub raises without network and without the file cached
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load this file")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(FileNotFoundError, match=r"REPA teacher 'vit_base_patch14_dinov2' \(repa.teacher_weights=timm"
+                                                r".*set repa.teacher_weights to a local file"):
+        load_repa_teacher("vit_base_patch14_dinov2", "timm")
+
+
 def test_tokens_made_by_another_teacher_are_refused(repa_recipe, tmp_path):
     overrides, _, _ = repa_recipe
     other = tmp_path / "other" / "teacher.safetensors"  # same file name, so the same token folder is looked up

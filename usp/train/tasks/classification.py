@@ -287,8 +287,8 @@ class ClassifierTask:
                 "train_images": len(self.train_set)}
 
     def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        if self.probe:  # frozen encoder in eval mode; only the head's BatchNorm collects statistics
-            set_probe_train_mode(self.vit)
+        if self.probe and (self.vit.training or not self.vit.head.training):  # after the engine's model.train()
+            set_probe_train_mode(self.vit)  # frozen encoder in eval mode; only the head's BN collects statistics
         if self.on_features:  # (N, 2, D) or (N, 1, D): the orientation of the flip coin, as the latents pick it
             features = batch["features"]
             pick = batch["flip"].long().clamp(max=features.shape[1] - 1).view(-1, 1, 1).expand(-1, 1,
@@ -311,7 +311,7 @@ class ClassifierTask:
         for start in range(0, len(indices), self.config.train.eval_batch):
             items = [data[i] for i in indices[start : start + self.config.train.eval_batch]]
             yield {"features": torch.stack([it["features"] for it in items]).to(device),
-                   "label": torch.tensor([it["label"] for it in items], device=device)}
+                   "label": torch.stack([torch.as_tensor(it["label"]) for it in items]).to(device)}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int, run_dir: Path, runtime, final: bool) -> dict:
