@@ -104,7 +104,7 @@ def test_cached_probe_trains_on_features_computed_once_with_the_per_step_result(
     batch = {"moments": task.data.dataset[3]["moments"][None].repeat(2, 1, 1, 1, 1), "flip": torch.tensor([0, 1])}
     with torch.no_grad():
         expected = task.vit.eval().forward_features(task.data.latents(batch))  # (2, D)
-    torch.testing.assert_close(task.train_set[3]["features"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.as_tensor(task.train_set[3]["features"]), expected, rtol=1e-5, atol=1e-5)
 
 
 def _flips(task, seeds=range(64)) -> list[bool]:

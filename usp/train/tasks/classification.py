@@ -310,7 +310,7 @@ class ClassifierTask:
             return
         for start in range(0, len(indices), self.config.train.eval_batch):
             items = [data[i] for i in indices[start : start + self.config.train.eval_batch]]
-            yield {"features": torch.stack([it["features"] for it in items]).to(device),
+            yield {"features": torch.stack([torch.as_tensor(it["features"]) for it in items]).to(device),
                    "label": torch.stack([torch.as_tensor(it["label"]) for it in items]).to(device)}
 
     @torch.no_grad()

@@ -51,11 +51,10 @@ class FeatureDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         if self._array is None:  # opened lazily: each DataLoader worker maps the file itself
-            # copy-on-write map: a writable array, so the tensor is a view of the file (no copy, no warning)
-            self._array = torch.from_numpy(np.load(self.path, mmap_mode="c"))
-            self._labels = torch.from_numpy(self.labels.astype(np.int64))
-        # a row view and a 0-d tensor: a step's items cost microseconds (collation stacks them)
-        return {"features": self._array[index], "label": self._labels[index]}
+            # copy-on-write map: writable, so collation makes tensors of its rows without a copy or a warning
+            self._array = np.load(self.path, mmap_mode="c").view(np.ndarray)  # rows without memmap overhead
+        # a row view and an int: a step's items cost a microsecond each (collation stacks them)
+        return {"features": self._array[index], "label": int(self.labels[index])}
 
 
 def _device(config) -> torch.device:
