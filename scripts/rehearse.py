@@ -142,6 +142,7 @@ class Rehearsal:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
         self.pretrain_runs: dict[tuple[str, str], Path] = {}  # (model, latent space) -> run folder
+        self.first_finetune: str | None = None  # the fine-tune that `usp sample` reads (set by main)
 
     def config(self, recipe: str, overrides: list[str]):
         from usp.config import load_config
@@ -250,6 +251,14 @@ class Rehearsal:
         row = self.run(recipe, [COMMAND[group], recipe, "--resume", "none", *overrides], [recipe, *predict])
         if group == "pretrain" and row["exit"] == 0:
             self.pretrain_runs.setdefault((config.model.name, config.latent.space), config.run_dir)
+        self.prune(config.run_dir, keep_weights=group == "pretrain" or recipe == self.first_finetune)
+
+    @staticmethod
+    def prune(run_dir: Path, keep_weights: bool) -> None:
+        """Delete what no later stage reads (an XL run's resume state is ~8 GB): the resume states always, the
+        weights unless a fine-tune's model.init or `usp sample` reads them."""
+        for path in sorted((run_dir / "checkpoints").glob("state_*.pt" if keep_weights else "*_*.*")):
+            path.unlink()
 
     def sample_and_evaluate(self, finetune: str) -> None:
         """`usp sample` of a rehearsed fine-tune, a reference batch of the tree, `usp evaluate` of both."""
@@ -299,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     pretrain_first = sorted(recipes, key=lambda r: not r.startswith("pretrain/"))  # their runs feed model.init
     print(f"| {'stage':<34} | exit | seconds  | peak GiB | predicted peak per GPU (bf16, {GPUS} GPUs) |")
     print(f"| {'-' * 34} | ---- | -------- | -------- | --- |")
+    finetunes = [r for r in pretrain_first if r.startswith("finetune/")]
+    rehearsal.first_finetune = finetunes[0] if finetunes else None
     for recipe in pretrain_first:
         rehearsal.recipe(recipe)
-    finetunes = [r for r in pretrain_first if r.startswith("finetune/")]
     if finetunes and not args.no_sample:
         rehearsal.sample_and_evaluate(finetunes[0])
     (Path(args.out) / "rehearsal.json").write_text(json.dumps(rehearsal.rows, indent=1))
