@@ -15,7 +15,8 @@ estimate of usp.train.memory). A row's log is OUT/logs/<row>.log.
 
 What it changes in each recipe (overrides, listed in the log): data.root, data.limit (= --batch images per
 split), latent.path, latent.cache (a cache of the stand-in tree, for recipes that read one), model.init (the
-rehearsal's own pretraining run of that encoder), REPA's teacher weights (and repa.features=online on a cache),
+rehearsal's own pretraining run of that encoder, in this call or an earlier one with the same --out; its resume
+states are deleted, its weights kept), REPA's teacher weights (and repa.features=online on a cache),
 train.max_steps/global_batch/accum_steps, and sampling at the end of a fine-tune (2 steps, a 2-image grid).
 """
 
@@ -191,6 +192,14 @@ class Rehearsal:
         for (name, space), run in self.pretrain_runs.items():
             if "_".join(name.split("_")[1:3]) == size_patch and space.replace("-mse", "-ema") == family:
                 return str(run)
+        for recipe in shipped_recipes():  # a pretraining rehearsed by an earlier call with the same --out
+            if recipe.startswith("pretrain/"):
+                pretrained = self.config(recipe, [])
+                run = self.out / "runs" / recipe.replace("/", "-")
+                if (list((run / "checkpoints").glob("weights_*.safetensors")) and (run / "done.json").exists()
+                        and "_".join(pretrained.model.name.split("_")[1:3]) == size_patch
+                        and pretrained.latent.space.replace("-mse", "-ema") == family):
+                    return str(run)
         return "null"  # no pretraining of it rehearsed (or it failed): the stage runs from scratch
 
     # ----------------------------------------------------------------------------------------
