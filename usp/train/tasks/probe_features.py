@@ -103,4 +103,12 @@ def probe_on_features(config, data) -> bool:
 def feature_dataset(config, vit: VisionTransformer, data, split: str, orientations: int) -> FeatureDataset:
     """The features of `split` in the run folder (`probe_features/<split>.npy`), computed now."""
     path = config.run_dir / "probe_features" / f"{split}.npy"
-    return extract_features(vit, data, path, config.train.eval_batch, orientations, _device(config))
+    return extract_features(vit, data, path, extraction_batch(config), orientations, _device(config))
+
+
+def extraction_batch(config) -> int:
+    """Items per encoder call: the training micro-batch (the per-step probe runs the frozen encoder on that many
+    without gradients, so it fits), or train.eval_batch if larger: small calls cost more per item (the demo's
+    ViT-T/2 on 2 CPU cores: several times more at 64 than at 256)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return max(config.train.eval_batch, config.train.global_batch // world // config.train.accum_steps)
