@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {'stage':<34} | exit | seconds  | peak GiB | predicted peak per GPU (bf16, {GPUS} GPUs) |")
     print(f"| {'-' * 34} | ---- | -------- | -------- | --- |")
     finetunes = [r for r in pretrain_first if r.startswith("finetune/")]
-    rehearsal.first_finetune = finetunes[0] if finetunes else None
+    rehearsal.first_finetune = finetunes[0] if finetunes and not args.no_sample else None
     for recipe in pretrain_first:
         rehearsal.recipe(recipe)
     if finetunes and not args.no_sample:
