@@ -186,19 +186,24 @@ class Rehearsal:
         return self.out / "latents" / f"{config.latent.space}-{64 if self.reduced else config.data.image_size}"
 
     def pretrain_run(self, config) -> str:
-        """The rehearsal's pretraining run of this encoder (model size and patch, latent space)."""
-        size_patch = "_".join(config.model.name.split("_")[1:3])
-        family = config.latent.space.replace("sd-vae-ft-mse", "sd-vae-ft-ema")  # one SD-VAE encoder, two decoders
+        """The rehearsal's pretraining run of this encoder (model size and patch, block kind, latent space): a
+        LightningDiT transfers from a `vit_*_lightning` encoder (SwiGLU, qk-norm), every other model from a plain
+        ViT."""
+
+        def encoder(model: str, space: str) -> tuple[str, bool, str]:
+            return ("_".join(model.split("_")[1:3]), "lightning" in model,
+                    space.replace("sd-vae-ft-mse", "sd-vae-ft-ema"))  # one SD-VAE encoder, two decoders
+
+        wanted = encoder(config.model.name, config.latent.space)
         for (name, space), run in self.pretrain_runs.items():
-            if "_".join(name.split("_")[1:3]) == size_patch and space.replace("-mse", "-ema") == family:
+            if encoder(name, space) == wanted:
                 return str(run)
         for recipe in shipped_recipes():  # a pretraining rehearsed by an earlier call with the same --out
             if recipe.startswith("pretrain/"):
                 pretrained = self.config(recipe, [])
                 run = self.out / "runs" / recipe.replace("/", "-")
                 if (list((run / "checkpoints").glob("weights_*.safetensors")) and (run / "done.json").exists()
-                        and "_".join(pretrained.model.name.split("_")[1:3]) == size_patch
-                        and pretrained.latent.space.replace("-mse", "-ema") == family):
+                        and encoder(pretrained.model.name, pretrained.latent.space) == wanted):
                     return str(run)
         return "null"  # no pretraining of it rehearsed (or it failed): the stage runs from scratch
 
