@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "usp cache-latents configs/fmnist/pretrain.yaml --splits train test", parents=[recipe])
     arg("--out", help="cache folder (default: the recipe's latent.cache)")
     arg("--splits", nargs="+", default=["train"], help="splits to encode (default: train)")
-    arg("--batch-size", type=int, default=64)
+    arg("--batch-size", type=_positive_int, help="images per batch (default: the recipe's latent.vae_batch)")
 
     arg = command("sample", "class-conditional samples: PNG grid + ADM-format NPZ (torchrun-sharded)",
                   "usp sample runs/fmnist-dit-usp/checkpoints/weights_0002000.safetensors --num-samples 1000 "
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--num-samples", type=int, default=64)
     arg("--seed", type=int, default=0)
     arg("--balanced", action="store_true", help="labels i %% num_classes instead of random labels")
-    arg("--batch-size", type=int, default=64)
+    arg("--batch-size", type=_positive_int, help="samples per batch and rank (default: the recipe's train.eval_batch)")
     arg("--grid", type=int, default=64, help="images in the PNG grid")
 
     arg = command("evaluate", "FID, sFID, IS, precision, recall with ADM's definitions",

@@ -78,9 +78,10 @@ def probe_backbone(model: DiT, config: Config, weights: str | Path, blocks: Sequ
     torch.manual_seed(config.run.seed)
     train_data = LatentData(config, config.data.split, augment=False)
     test_data = LatentData(config, config.data.eval_split, augment=False)
-    objective = build_objective(config.generation)
-    train_f, train_y = split_features(model, objective, train_data, blocks, noise_levels, seed=config.run.seed)
-    test_f, test_y = split_features(model, objective, test_data, blocks, noise_levels, seed=config.run.seed + 10**7)
+    objective, batch = build_objective(config.generation), config.train.eval_batch
+    train_f, train_y = split_features(model, objective, train_data, blocks, noise_levels, config.run.seed, batch)
+    test_f, test_y = split_features(model, objective, test_data, blocks, noise_levels, config.run.seed + 10**7,
+                                    batch)
     rows = []
     for k in blocks:
         for s in noise_levels:

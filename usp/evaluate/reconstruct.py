@@ -25,7 +25,8 @@ def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, 
                          "checkpoint (runs/<name>/checkpoints/weights_*.safetensors of `usp pretrain`)")
     config = config_from_dict(meta["config"], overrides)
     dc = config.data
-    latent = LatentSpace.load(config.latent.space, config.latent.path, cache=config.latent.cache)
+    latent = LatentSpace.load(config.latent.space, config.latent.path, cache=config.latent.cache,
+                              max_batch=config.latent.vae_batch)
     latent_size = latent.check_image_size(dc.image_size)
     model = create_model(config.model.name, ("vit", "vit_lightning"), latent_size=latent_size,
                          in_channels=latent.channels, norm_pix_loss=config.pretrain.norm_pix_loss,

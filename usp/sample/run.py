@@ -65,12 +65,14 @@ def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model
 
 
 def run_sampling(weights: str | Path, overrides: list[str] | tuple = (), out_dir: str | Path | None = None,
-                 num_samples: int = 64, seed: int = 0, balanced: bool = False, batch_size: int = 64,
+                 num_samples: int = 64, seed: int = 0, balanced: bool = False, batch_size: int | None = None,
                  model_name: str | None = None, grid: int = 64) -> Path:
     model, config = load_generator(weights, overrides, model_name)
+    batch_size = batch_size or config.train.eval_batch  # per rank; the VAE decodes latent.vae_batch at a time
     runtime = setup_runtime(config.run.device)
     model.to(runtime.device)
-    latent = LatentSpace.load(config.latent.space, config.latent.path, cache=config.latent.cache).to(runtime.device)
+    latent = LatentSpace.load(config.latent.space, config.latent.path, cache=config.latent.cache,
+                              max_batch=config.latent.vae_batch).to(runtime.device)
     side = latent.check_image_size(config.data.image_size)
     out = Path(out_dir) if out_dir else Path(weights).parent.parent / f"samples_{num_samples}"
     npz = sample_sharded(model, latent.decode, config.generation, out, num_samples, seed, config.model.num_classes,
