@@ -295,7 +295,7 @@ def cache_recipe(config, splits: list[str], folder: str | Path | None = None, ba
     return made
 
 
-def cache_latents_command(config, splits: list[str], out: str | None = None, batch_size: int = 64) -> None:
+def cache_latents_command(config, splits: list[str], out: str | None = None, batch_size: int | None = None) -> None:
     """`usp cache-latents RECIPE`: `cache_recipe`, reported one line per split (and its REPA tokens)."""
     for split, made in cache_recipe(config, splits, out, batch_size).items():
         print(f"{split}: {made['images']} images -> {made['path']}")

@@ -89,7 +89,7 @@ def run_sampling(weights: str | Path, overrides: list[str] | tuple = (), out_dir
 
 
 def sample_command(weights: str, overrides: list[str], model: str | None = None, out: str | None = None,
-                   num_samples: int = 64, seed: int = 0, balanced: bool = False, batch_size: int = 64,
+                   num_samples: int = 64, seed: int = 0, balanced: bool = False, batch_size: int | None = None,
                    grid: int = 64) -> None:
     """`usp sample WEIGHTS`: `run_sampling` of a weights file, a run folder (its latest) or a diffusers folder."""
     path = run_sampling(resolve_weights(weights), overrides, out_dir=out, num_samples=num_samples, seed=seed,
