@@ -221,12 +221,24 @@ class Rehearsal:
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
         row = {"stage": name, "exit": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
-               "peak_gib": round(usage.ru_maxrss * 1024 / 2**30, 2)}
+               "peak_gib": round(usage.ru_maxrss * 1024 / 2**30, 2), "load": round(os.getloadavg()[0], 1),
+               "batch": self.batch, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         if predict is not None:
             row.update(self.predict(*predict))
         self.rows.append(row)
+        self.save(row)
         print(format_row(row), flush=True)
         return row
+
+    def save(self, row: dict) -> None:
+        """Add the row to OUT/rehearsal.json as soon as it is measured: the table is built over several calls (and
+        survives a stopped one); a stage rehearsed again replaces its earlier row."""
+        path = self.out / "rehearsal.json"
+        rows = json.loads(path.read_text()) if path.exists() else []
+        rows = [r for r in rows if r["stage"] != row["stage"]] + [row]
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(path)
 
     def predict(self, recipe: str, *overrides: str) -> dict:
         """The peak per GPU at the recipe's own per-GPU batch (usp.train.memory, traced in a child process)."""
@@ -328,7 +340,6 @@ def main(argv: list[str] | None = None) -> int:
         rehearsal.recipe(recipe)
     if finetunes and not args.no_sample:
         rehearsal.sample_and_evaluate(finetunes[0])
-    (Path(args.out) / "rehearsal.json").write_text(json.dumps(rehearsal.rows, indent=1))
     return int(any(row["exit"] != 0 for row in rehearsal.rows))
 
 
