@@ -315,6 +315,29 @@ def format_row(row: dict) -> str:
     return f"| {row['stage']:<34} | {row['exit']:>4} | {row['seconds']:>8} | {row['peak_gib']:>8} | {pred} |"
 
 
+def table(out: Path) -> str:
+    """The markdown table of OUT/rehearsal.json, shipped recipes in their order, then the cache / sample stages,
+    and which shipped recipes have no row with exit 0 yet."""
+    rows = json.loads((out / "rehearsal.json").read_text())
+    order = {name: i for i, name in enumerate(shipped_recipes())}
+    rows = sorted(rows, key=lambda r: (r["stage"] not in order, order.get(r["stage"], 0), r["stage"]))
+    lines = ["| stage | batch | exit | seconds | peak RSS GiB | predicted peak per GPU (bf16, 8 GPUs) | load "
+             "| finished |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        pred = "" if r.get("per_gpu_batch") is None else (
+            f"{r['predicted_gib']} GiB at {r['per_gpu_batch']}/GPU" if r.get("predicted_gib") is not None
+            else "(no estimate)")
+        lines.append(f"| {r['stage']} | {r.get('batch', '')} | {r['exit']} | {r['seconds']} | {r['peak_gib']} | {pred} "
+                     f"| {r.get('load', '')} | {r.get('finished', '')} |")
+    passed = {r["stage"] for r in rows if r["exit"] == 0}
+    missing = [name for name in order if name not in passed]
+    lines.append("")
+    lines.append(f"{len(order) - len(missing)} of {len(order)} shipped recipes exit 0"
+                 + (f"; not yet: {', '.join(missing)}" if missing else ""))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the tree, the assets, the runs and the logs")
@@ -324,8 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=1000, help="class folders of the stand-in tree")
     parser.add_argument("--reduced", action="store_true", help="tiny models at 64 px (checks the path, not memory)")
     parser.add_argument("--no-sample", action="store_true", help="skip sample / reference / evaluate")
+    parser.add_argument("--table", action="store_true", help="print the table of OUT/rehearsal.json and exit")
     parser.add_argument("--assets", action="store_true", help=argparse.SUPPRESS)  # the child that writes them
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(Path(args.out)))
+        return 0
     if args.assets:
         make_assets(Path(args.out) / "assets", args.reduced)
         return 0
