@@ -225,6 +225,8 @@ class Rehearsal:
                "batch": self.batch, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         if predict is not None:
             row.update(self.predict(*predict))
+        if name in ("sample", "reference", "evaluate"):
+            row["of"] = self.sampled  # which fine-tune was sampled: one table holds several
         self.rows.append(row)
         self.save(row)
         print(format_row(row), flush=True)
@@ -235,7 +237,7 @@ class Rehearsal:
         survives a stopped one); a stage rehearsed again replaces its earlier row."""
         path = self.out / "rehearsal.json"
         rows = json.loads(path.read_text()) if path.exists() else []
-        rows = [r for r in rows if r["stage"] != row["stage"]] + [row]
+        rows = [r for r in rows if (r["stage"], r.get("of")) != (row["stage"], row.get("of"))] + [row]
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(rows, indent=1))
         tmp.replace(path)
@@ -288,6 +290,7 @@ class Rehearsal:
 
     def sample_and_evaluate(self, finetune: str) -> None:
         """`usp sample` of a rehearsed fine-tune, a reference batch of the tree, `usp evaluate` of both."""
+        self.sampled = finetune
         config = self.config(finetune, self.overrides(finetune))
         weights = sorted((config.run_dir / "checkpoints").glob("weights_*.safetensors"))
         if not weights:
@@ -328,7 +331,8 @@ def table(out: Path) -> str:
         pred = "" if r.get("per_gpu_batch") is None else (
             f"{r['predicted_gib']} GiB at {r['per_gpu_batch']}/GPU" if r.get("predicted_gib") is not None
             else "(no estimate)")
-        lines.append(f"| {r['stage']} | {r.get('batch', '')} | {r['exit']} | {r['seconds']} | {r['peak_gib']} | {pred} "
+        stage = r["stage"] + (f" (of {r['of']})" if r.get("of") else "")
+        lines.append(f"| {stage} | {r.get('batch', '')} | {r['exit']} | {r['seconds']} | {r['peak_gib']} | {pred} "
                      f"| {r.get('load', '')} | {r.get('finished', '')} |")
     passed = {r["stage"] for r in rows if r["exit"] == 0}
     missing = [name for name in order if name not in passed]
