@@ -19,6 +19,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from usp.config import Config
+from usp.data.sampler import ResumableSampler
 from usp.evaluate.probes import fast_protocol, knn_accuracy, logistic_regression
 from usp.latent.data import LatentData
 from usp.models.vit import VisionTransformer
@@ -231,7 +232,7 @@ class ClassifierTask:
     def extras(self) -> dict:
         return self.data.extras()  # the flip coin of a cached latent, posterior noise
 
-    def train_batches(self, sampler, micro_batch: int) -> FeatureBatches | None:
+    def train_batches(self, sampler: ResumableSampler, micro_batch: int) -> FeatureBatches | None:
         """On features: the micro-batches gathered from the feature file (the engine's DataLoader would make the
         same ones item by item, at several times the cost of the head's step); otherwise None (the DataLoader)."""
         return FeatureBatches(self.train_set, sampler, micro_batch, self.data.flip) if self.on_features else None

@@ -4,8 +4,10 @@ A latent cache holds each image once, in two orientations, with no crop; the pro
 eval mode. Its pooled features are then a fixed function of (image, orientation), so they are computed once —
 (N, 2, D) [plain, flipped], in a float32 file of the run folder — and the LARS head trains on them: each step
 picks an item's orientation by the same per-sample flip coin the per-step probe draws, and runs only
-BatchNorm + linear. Same draws, same features (up to float rounding of batched matmuls), same head updates;
-the encoder runs 2 passes over the data instead of one per epoch. With crops (images on the fly) or posterior
+BatchNorm + linear. The step's batch is gathered from the file in one op (`FeatureBatches`, with the epoch's
+coins vectorised by `flip_coins`), not item by item through a DataLoader, whose per-item cost would rival the
+head's. Same draws, same features (up to float rounding of batched matmuls), same head updates; the encoder runs
+2 passes over the data instead of one per epoch. With crops (images on the fly) or posterior
 samples the features change every step, and the probe runs the encoder every step as the paper does.
 """
 
@@ -76,17 +78,18 @@ def flip_coins(seeds: Sequence[int]) -> np.ndarray:
     and a float32 draw is its first tempered output's low 24 bits / 2**24, below 0.5 iff bit 23 is clear. The
     first output reads only words 0, 1 and 397 of the seeded state. Checked against torch on every call's first
     seeds (a torch that draws differently falls back to the torch calls), and in tests on thousands."""
-    low = (np.asarray(seeds, dtype=np.uint64) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    word, shifted, word1 = low.copy(), np.empty_like(low), low
+    state0 = (np.asarray(seeds, dtype=np.uint64) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    state, shifted, state1 = state0.copy(), np.empty_like(state0), state0
     for j in range(1, 398):  # state[j] = 1812433253 * (state[j-1] ^ (state[j-1] >> 30)) + j  (mod 2**32)
-        np.right_shift(word, 30, out=shifted)
-        np.bitwise_xor(word, shifted, out=word)
-        np.multiply(word, np.uint32(1812433253), out=word)
-        np.add(word, np.uint32(j), out=word)
+        np.right_shift(state, 30, out=shifted)
+        np.bitwise_xor(state, shifted, out=state)
+        np.multiply(state, np.uint32(1812433253), out=state)
+        np.add(state, np.uint32(j), out=state)
         if j == 1:
-            word1 = word.copy()
-    mixed = (low & np.uint32(0x80000000)) | (word1 & np.uint32(0x7FFFFFFF))  # the twist of word 0
-    y = word ^ (mixed >> np.uint32(1)) ^ np.where(word1 & np.uint32(1), np.uint32(0x9908B0DF), np.uint32(0))
+            state1 = state.copy()
+    # the regenerated word 0: state[397] ^ twist(state[0], state[1])
+    mixed = (state0 & np.uint32(0x80000000)) | (state1 & np.uint32(0x7FFFFFFF))
+    y = state ^ (mixed >> np.uint32(1)) ^ np.where(state1 & np.uint32(1), np.uint32(0x9908B0DF), np.uint32(0))
     y ^= y >> np.uint32(11)  # tempering
     y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
     y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
