@@ -102,13 +102,9 @@ def encoder_seconds_per_image(recipe: str, side: int, channels: int, batch: int 
 
 
 def warm_imports(config) -> None:
-    """What the first run of a process would pay alone: the VAE's library (the cache check loads the VAE) and
-    the plotting library (the loss curve)."""
+    """What the first run of a process would pay alone: the plotting library (the loss curve). The cache check
+    hashes the VAE's weights file; it no longer loads the VAE, nor imports its library."""
     import matplotlib.pyplot  # noqa: F401
-
-    from usp.latent.vae import LatentSpace
-
-    LatentSpace.load(config.latent.space, config.latent.path, cache=config.latent.cache)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,26 @@ def _arrays(path: Path, header: dict, mode: str) -> tuple[np.memmap, np.memmap]:
 
 def vae_fingerprint(latent: LatentSpace) -> str:
     """sha256 of the VAE's weights (names, dtypes, shapes, bytes): two VAEs of one space and size differ here."""
+    return _state_fingerprint(latent.vae.state_dict())
+
+
+def weights_file_fingerprint(path: str | None) -> str | None:
+    """`vae_fingerprint` of a local VAE folder's one .safetensors file as stored, read without building the model
+    (or importing its library: ~3 s of a cached run's start); None without such a file. Equal to the loaded
+    model's whenever loading keeps the stored names and dtypes (usp's small VAEs, diffusers folders it saved);
+    where loading converts them (an fp16 file, renamed keys) it differs, and the caller loads the model."""
+    folder = Path(path) if path else None
+    files = sorted(folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []
+    if len(files) != 1:
+        return None
+    from safetensors.torch import load_file
+
+    return _state_fingerprint(load_file(files[0]))
+
+
+def _state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for key, value in sorted(latent.vae.state_dict().items()):
+    for key, value in sorted(state.items()):
         t = value.detach().cpu().contiguous()
         h.update(f"{key}{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -220,8 +238,8 @@ class LatentCacheDataset(Dataset):
 
 def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
     """The caches of `splits`, refused unless complete and made from this recipe's VAE weights and images
-    (naming both sides). Loads the recipe's VAE once to hash it. Caches written before fingerprints existed
-    are used with a warning."""
+    (naming both sides). Hashes the recipe's VAE weights file as stored, or loads the VAE once to hash it when
+    that differs. Caches written before fingerprints existed are used with a warning."""
     import logging
 
     lc, fingerprint, datasets = config.latent, None, []
@@ -238,8 +256,10 @@ def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
                                              "data; it cannot be checked against this recipe (rebuild it to be safe)")
             continue
         if fingerprint is None:
-            try:
-                fingerprint = vae_fingerprint(LatentSpace.load(lc.space, lc.path, cache=lc.cache))
+            try:  # the stored file's hash when it is the cache's (a match proves the same weights), else the model's
+                fingerprint = weights_file_fingerprint(lc.path)
+                if fingerprint != header["vae_sha256"]:
+                    fingerprint = vae_fingerprint(LatentSpace.load(lc.space, lc.path, cache=lc.cache))
             except (OSError, ValueError) as err:  # pretraining on a cache needs no VAE: do not demand one here
                 logging.getLogger("usp").warning(f"warning: cannot load the recipe's VAE to check {path} against "
                                                  f"it ({' '.join(str(err).split())[:200]}); its VAE is unchecked")

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -56,6 +57,11 @@ class Task(Protocol):
 @runtime_checkable
 class HasExtras(Protocol):
     def extras(self) -> dict: ...  # per-sample randomness, drawn under the sample's seed
+
+
+@runtime_checkable
+class ServesBatches(Protocol):  # its own micro-batches of the sampler's items (None: the DataLoader's)
+    def train_batches(self, sampler: ResumableSampler, micro_batch: int) -> Iterable[dict] | None: ...
 
 
 @runtime_checkable
@@ -126,11 +132,13 @@ def build_state(config: Config, task: Task, rt: Runtime, plan: BatchPlan) -> Tra
     scaler = torch.amp.GradScaler(rt.device.type, enabled=autocast_dtype(config.train.amp, rt.device) == torch.float16)
     sampler = ResumableSampler(len(task.train_set), config.run.seed, rt.rank, rt.world_size)
     workers = config.data.num_workers
-    loader = DataLoader(
-        SeededDataset(task.train_set, task.extras if isinstance(task, HasExtras) else None),
-        batch_size=plan.micro_batch, sampler=sampler, num_workers=workers, pin_memory=rt.device.type == "cuda",
-        drop_last=True, persistent_workers=workers > 0, generator=torch.Generator(),  # global RNG untouched
-    )
+    loader = task.train_batches(sampler, plan.micro_batch) if isinstance(task, ServesBatches) else None
+    if loader is None:
+        loader = DataLoader(
+            SeededDataset(task.train_set, task.extras if isinstance(task, HasExtras) else None),
+            batch_size=plan.micro_batch, sampler=sampler, num_workers=workers, pin_memory=rt.device.type == "cuda",
+            drop_last=True, persistent_workers=workers > 0, generator=torch.Generator(),  # global RNG untouched
+        )
     return TrainState.create(model, optimizer, scaler, DataStream(loader, sampler, plan.micro_batch),
                              config.train.ema_decay)
 

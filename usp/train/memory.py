@@ -8,12 +8,15 @@ So the figure follows the real model, the real autocast precision and the real m
 cost, and can be taken for any batch (`--predict` of the rehearsal: the recipe's own per-GPU batch).
 
 What it leaves out: the transient of the largest backward op, the frozen VAE's encode activations (bounded by
-latent.vae_batch, and freed before the backward), allocator fragmentation and the CUDA context (~0.5 GB).
-tests/test_memory.py checks the estimate against a measured peak.
+latent.vae_batch, and freed before the backward), the data batch, the optimiser's temporaries, allocator
+fragmentation and the CUDA context (~0.5 GB). tests/test_memory.py checks the estimate against the measured
+peak of live tensor bytes of a run (`tensor_peak`), benchmarks/bench_memory_estimate.py also against its RSS.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -162,3 +165,28 @@ def estimate_run(config, task, micro_batch: int, device: torch.device,
     item = {k: v.to(device) if torch.is_tensor(v) else v for k, v in item.items()}
     return estimate_peak(task, config.optim.name, bool(config.train.ema_decay), micro_batch, device, amp_dtype,
                          item)
+
+
+@contextlib.contextmanager
+def tensor_peak() -> Iterator[dict[str, int]]:
+    """Measures the block: {"peak": the most bytes held at once by CPU tensors allocated in it, "end": bytes still
+    held at its end}. torch's CPU allocator reports every allocation and free to the profiler (profile_memory);
+    their running sum is what the estimate predicts, exact whatever the process held before the block and
+    however much freed memory the C library keeps (which makes a process's RSS depend on its history)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    measured: dict[str, int] = {}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield measured
+    events, nodes = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))  # a free: a negative size
+        nodes.extend(node.children)
+    held = peak = 0
+    for _, size in sorted(events):
+        held += size
+        peak = max(peak, held)
+    measured.update(peak=peak, end=held)

@@ -12,16 +12,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from usp.config import Config
+from usp.data.sampler import ResumableSampler
 from usp.evaluate.probes import fast_protocol, knn_accuracy, logistic_regression
 from usp.latent.data import LatentData
 from usp.models.vit import VisionTransformer
-from usp.train.tasks.probe_features import HeadOnFeatures, feature_dataset, probe_on_features
+from usp.train.tasks.probe_features import FeatureBatches, HeadOnFeatures, feature_dataset, probe_on_features
 
 # --------------------------------------------------------------------------------------------
 # Linear probe (paper protocol)
@@ -230,6 +232,11 @@ class ClassifierTask:
     def extras(self) -> dict:
         return self.data.extras()  # the flip coin of a cached latent, posterior noise
 
+    def train_batches(self, sampler: ResumableSampler, micro_batch: int) -> FeatureBatches | None:
+        """On features: the micro-batches gathered from the feature file (the engine's DataLoader would make the
+        same ones item by item, at several times the cost of the head's step); otherwise None (the DataLoader)."""
+        return FeatureBatches(self.train_set, sampler, micro_batch, self.data.flip) if self.on_features else None
+
     def export_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The classifier's weights, with the same keys whether the probe read latents or features."""
         return (model.vit if isinstance(model, HeadOnFeatures) else model).state_dict()
@@ -309,9 +316,8 @@ class ClassifierTask:
             yield from data.eval_batches(indices, self.config.train.eval_batch, device)
             return
         for start in range(0, len(indices), self.config.train.eval_batch):
-            items = [data[i] for i in indices[start : start + self.config.train.eval_batch]]
-            yield {"features": torch.stack([torch.as_tensor(it["features"]) for it in items]).to(device),
-                   "label": torch.stack([torch.as_tensor(it["label"]) for it in items]).to(device)}
+            batch = data.rows(np.array(indices[start : start + self.config.train.eval_batch], dtype=np.int64))
+            yield {k: v.to(device) for k, v in batch.items()}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int, run_dir: Path, runtime, final: bool) -> dict:
