@@ -28,7 +28,15 @@ from usp.config import Config, TrainConfig, save_config
 from usp.data.sampler import DataStream, ResumableSampler, SeededDataset
 from usp.train import checkpoint as ckpt
 from usp.train.checkpoint import RunLock
-from usp.train.dist import Runtime, autocast_dtype, barrier, mean_over_ranks, setup_runtime, wrap_model
+from usp.train.dist import (
+    Runtime,
+    autocast_dtype,
+    barrier,
+    describe_precision,
+    mean_over_ranks,
+    setup_runtime,
+    wrap_model,
+)
 from usp.train.flops import device_peak_flops, mfu, training_flops_per_sample
 from usp.train.log import RunLog, read_log
 from usp.train.optim import apply_lr, build_optimizer, lr_at, param_groups
@@ -180,7 +188,8 @@ class Loop:
         log.info(f"{config.run.task}: {plan.total_steps} steps × {self.cfg.global_batch} images "
                  f"({plan.steps_per_epoch} steps/epoch, world {rt.world_size}, accum {self.cfg.accum_steps}), "
                  f"peak lr {config.lr:.3g}" + (f" (blr {oc.blr} × {self.cfg.global_batch}/256)" if oc.lr is None
-                                               else "") + f", device {rt.device}")
+                                               else "")
+                 + f", device {rt.device}, {describe_precision(self.cfg.amp, rt.device)}")
 
     def due(self, every: int, step: int) -> bool:
         return step > 0 and ((every and step % every == 0) or step == self.plan.total_steps)
