@@ -11,7 +11,7 @@ One resumable driver over the public CLI and the Fashion-MNIST recipes (configs/
 
 Every job is a separate `python -m usp ...` process writing its own run folder; a job is done when its marker
 exists, so the command can be re-run until everything is done (an interrupted run resumes from its checkpoint).
-Two drivers may run side by side (`--lanes`): each claims the next job whose inputs exist with an exclusive lock
+Several drivers may run side by side (the same command again): each claims the next job whose inputs exist with an exclusive lock
 file.
 
   python scripts/curve.py run --out curve_out           # everything (re-run after a stop)
@@ -179,11 +179,12 @@ def run_job(out: Path, job: Job) -> None:
     print(f"[curve] {job.name}: {record['seconds']} s (load {record['load']})", flush=True)
 
 
-def run(out: Path) -> None:
+def run(out: Path, only: str | None = None) -> None:
     for sub in ("stages", "logs", "runs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     while True:
-        pending = [j for j in jobs(out) if not (out / "stages" / f"{j.name}.done").exists()]
+        pending = [j for j in jobs(out) if not (out / "stages" / f"{j.name}.done").exists()
+                   and (only is None or j.name.startswith(only))]
         if not pending:
             print("[curve] all jobs done")
             return
@@ -221,11 +222,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "report"])
     parser.add_argument("--out", default="curve_out", help="working folder (runs, caches; not committed)")
+    parser.add_argument("--only", help="run only the jobs whose name starts with this (e.g. probe-)")
     parser.add_argument("--docs", default=str(ROOT / "docs" / "curve"))
     args = parser.parse_args()
     out = Path(args.out).resolve()
     if args.command == "run":
-        run(out)
+        run(out, args.only)
     else:
         collect(out, Path(args.docs))
         subprocess.check_call([sys.executable, str(ROOT / "scripts" / "curve_report.py"), args.docs])
