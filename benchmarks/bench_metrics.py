@@ -49,7 +49,7 @@ def _run(name: str, n: int, dim: int, classes: int, threads: int | None, device:
     start = time.perf_counter()
     if name.startswith("fid"):
         stats = [compute_statistics(x) for x in inputs]
-        value = frechet_distance(*stats[0], *stats[1], method=name.split("-")[1])
+        value = frechet_distance(*stats[0], *stats[1], matrix_sqrt=name.split("-")[1])
     elif name == "inception_score":
         value = inception_score(inputs[0], kind="logits")
     else:

@@ -18,7 +18,7 @@ import torch
 
 from usp.config import load_config, recipes_dir
 from usp.data.sampler import SeededDataset
-from usp.train.dist import cpu_has_native_bf16
+from usp.run.runtime import cpu_has_native_bf16
 from usp.train.optim import build_optimizer, param_groups
 from usp.train.tasks import build_task
 

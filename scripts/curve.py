@@ -11,8 +11,8 @@ One resumable driver over the public CLI and the Fashion-MNIST recipes (configs/
 
 Every job is a separate `python -m usp ...` process writing its own run folder; a job is done when its marker
 exists, so the command can be re-run until everything is done (an interrupted run resumes from its checkpoint).
-Several drivers may run side by side (the same command again): each claims the next job whose inputs exist with an exclusive lock
-file.
+Several drivers may run side by side (the same command again): each claims the next job whose inputs exist
+with an exclusive lock file.
 
   python scripts/curve.py run --out curve_out           # everything (re-run after a stop)
   python scripts/curve.py report --out curve_out        # copy the logs to docs/curve/logs and write the report

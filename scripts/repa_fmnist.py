@@ -59,7 +59,7 @@ def stage(out: Path, name: str, fn) -> dict:
 
 def copy_demo(demo: Path, out: Path) -> dict:
     """What the runs read, copied: the teacher tokens are written beside the latents, never into the demo."""
-    from usp.train.checkpoint import latest_weights
+    from usp.run.checkpoint import latest_weights
 
     for name in ("vae", "latents"):
         shutil.copytree(demo / name, out / name, dirs_exist_ok=True)
@@ -125,11 +125,10 @@ def train_teacher(out: Path, limit: int, epochs: float, seed: int = 0) -> dict:
 
 def cache_features(out: Path, limit: int) -> dict:
     from usp.latent.cache import LatentCacheDataset
-    from usp.latent.features import build_features, features_dir
-    from usp.models.repa import load_teacher
+    from usp.latent.features import build_features, features_dir, load_repa_teacher
 
     weights = out / "teacher.safetensors"
-    teacher = load_teacher(TEACHER, str(weights))
+    teacher = load_repa_teacher(TEACHER, str(weights))
     folder = features_dir(out / "latents", TEACHER, str(weights))
     latents = LatentCacheDataset(out / "latents", "train", "small-f4", 32, limit)
     path = build_features(teacher, images("train", limit), latents, folder, "train", grid=4)

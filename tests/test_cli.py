@@ -19,8 +19,8 @@ COMMAND_OF_TASK = {task: command for command, task in cli.TRAIN_COMMANDS.items()
 
 
 def examples() -> list[str]:
-    """The `usp ...` lines of `usp --help` (the CLI module docstring), trailing comments removed."""
-    lines = [line.strip() for line in cli.__doc__.splitlines() if line.strip().startswith("usp ")]
+    """The `usp ...` lines of `usp --help` (every command's examples), trailing comments removed."""
+    lines = [line.strip() for line in cli.build_parser().epilog.splitlines() if line.strip().startswith("usp ")]
     return [line.split("#")[0].strip() for line in lines]
 
 
@@ -39,6 +39,7 @@ def test_top_level_help_lists_every_command(capsys):
         cli.main(["--help"])
     out = capsys.readouterr().out
     assert all(command in out for command in COMMANDS) and len(examples()) >= 8
+    assert {line.split()[1] for line in examples()} == set(COMMANDS)  # an example of every command
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -68,3 +69,17 @@ def test_a_recipe_for_another_command_is_refused_with_the_right_command(capsys):
         cli.main(["finetune", str(ROOT / "configs/fmnist/pretrain.yaml"), "--dry-run"])
     assert exit_info.value.code == 2
     assert "run it with `usp pretrain` instead" in capsys.readouterr().err
+
+
+def test_list_models_names_every_registered_model_even_of_a_size_without_a_note(monkeypatch, capsys):
+    import usp.models as models
+
+    # A size the listing has no paper/demo note for (the old table raised KeyError for it).
+    monkeypatch.setitem(models.SIZES, "h", models.ModelSize(1280, 32, 16))
+    monkeypatch.setitem(models.REGISTRY, "vit_h_2", models.ModelEntry("vit_h_2", "vit", "h", 2, lambda **kw: None))
+    cli.main(["list", "models"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == models.list_models()  # one line per name, nothing else
+    assert "vit_h_2" in lines[-1] and "width 1280" in lines[-1]
+    assert lines[models.list_models().index("vit_b_2")].endswith("; paper")
+    assert lines[models.list_models().index("vit_t_2")].endswith("; CPU demo / tests")

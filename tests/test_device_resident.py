@@ -122,7 +122,7 @@ def test_sampled_latents_do_not_depend_on_the_batch_size(sampler):
 
 
 def test_sampling_autocast_runs_the_network_in_bf16_and_hands_back_float32():
-    from usp.sample.guided import amp_dtype
+    from usp.run.runtime import autocast_dtype as amp_dtype
 
     torch.manual_seed(0)
     model = create_model("dit_t_2", input_size=4).eval()

@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from usp.config import load_config
-from usp.train import checkpoint as ckpt
+from usp.run import checkpoint as ckpt
+from usp.run.weights import load_weights
 from usp.train.engine import Runtime, train
 from usp.train.tasks import build_task
 
@@ -39,7 +40,7 @@ def test_pretraining_writes_config_log_and_checkpoints(fmnist_overrides):
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["state_0000002.pt", "state_0000004.pt", "weights_0000002.safetensors",
                      "weights_0000004.safetensors"]
-    weights, meta = ckpt.load_weights(run_dir / "checkpoints" / "weights_0000004.safetensors")
+    weights, meta = load_weights(run_dir / "checkpoints" / "weights_0000004.safetensors")
     assert meta["task"] == "pretrain" and meta["step"] == 4
     assert all(torch.equal(weights[k], v) for k, v in result["model"].state_dict().items())
 

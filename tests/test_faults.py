@@ -22,7 +22,8 @@ from PIL import Image
 from usp import CheckpointError, DiskFullError, RunLocked
 from usp.cli import main as cli_main
 from usp.config import load_config
-from usp.train import checkpoint as ckpt
+from usp.run import checkpoint as ckpt
+from usp.run.weights import load_weights
 from usp.train.engine import NonFiniteLoss, Runtime, train
 from usp.train.tasks import build_task
 
@@ -400,7 +401,7 @@ def test_9_user_errors_are_one_line_with_exit_2(fmnist_overrides, tmp_path, caps
 DRIVER = """
 import os, sys, time
 from pathlib import Path
-import usp.train.checkpoint as c
+import usp.run.checkpoint as c
 fault, marker = os.environ.get("FAULT", ""), os.environ.get("FAULT_MARKER", "")
 writes, final = {"n": 0}, int(os.environ.get("FAULT_FINAL", "0"))
 real_write, real_save = c.atomic_write, c.save_state
@@ -482,7 +483,7 @@ def _chaos(tmp_path: Path, argv: list[str], run_dir: Path, final: int, plan: lis
 
 def _finals(run_dir: Path, final: int) -> dict:
     state = ckpt.load_state(run_dir / "checkpoints" / f"state_{final:07d}.pt")
-    weights, _ = ckpt.load_weights(run_dir / "checkpoints" / f"weights_{final:07d}.safetensors")
+    weights, _ = load_weights(run_dir / "checkpoints" / f"weights_{final:07d}.safetensors")
     rows = [{k: v for k, v in json.loads(line).items() if k not in ("steps_per_s", "images_per_s", "mfu")}  # timings
             for line in (run_dir / "log.jsonl").read_text().splitlines()]
     samples = {p.name: p.read_bytes() for p in sorted((run_dir / "samples").glob("*.png"))}

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from usp.config import GENERATION_PRESETS, GenerationConfig, config_from_dict, load_config
+from usp.diffusion import build_objective
 from usp.models import create_model
-from usp.sample.guided import guided_model_fn, noise_level, sample_latents
+from usp.sample.guided import guided_model_fn, sample_latents
 
 SHAPE = (4, 4, 4)  # latents (C, h, w)
 LABELS, SEEDS = torch.tensor([3, 7]), [11, 12]
@@ -23,8 +24,8 @@ LABELS, SEEDS = torch.tensor([3, 7]), [11, 12]
 SAMPLERS = {
     "ddpm": dict(method="ddpm", sampler="ddpm", sample_steps="10"),
     "ddim": dict(method="ddpm", sampler="ddim", sample_steps="ddim10"),
-    "ode_euler": dict(method="transport", sampler="ode", ode_method="euler", sample_steps="6"),
-    "ode_heun": dict(method="transport", sampler="ode", ode_method="heun", sample_steps="6"),
+    "ode_euler": dict(method="transport", sampler="ode", ode_method="euler", sample_steps="5"),  # 5 steps, 6 points
+    "ode_heun": dict(method="transport", sampler="ode", ode_method="heun", sample_steps="5"),
     "sde": dict(method="transport", sampler="sde", sample_steps="6"),
     "sde_vp": dict(method="transport", path="vp", sampler="sde", sample_steps="6"),
 }
@@ -103,7 +104,7 @@ def test_an_interval_no_step_lands_in_is_the_conditional_model(models, name, cha
 # 0.5, so a mapping that forgot to flip SiT time would guide other calls:
 # DDPM "10", [0.5, 0.9]: original steps 999, 888, …, 111, 0 (stride 999/9 = 111); inside: 888 … 555.
 # DDIM "ddim10", [0.3, 0.8]: 900, 800, …, 0; inside 800 … 300, both ends included (800 / 1000 = 0.8 exactly).
-# ODE "6", [0.5, 0.9]: SiT grid t = 0, 0.2, …, 1, t_noise = 1 − t; Euler calls at t = 0 … 0.8, inside: t = 0.2, 0.4;
+# ODE "5" steps, [0.5, 0.9]: SiT grid t = 0, 0.2, …, 1, t_noise = 1 − t; Euler calls at t = 0 … 0.8, inside: 0.2, 0.4;
 #   Heun calls (t_cur, t_next) of each step, each judged by its own t: inside t = 0.2, 0.2, 0.4, 0.4.
 # SDE "6", [0.5, 0.9]: t = linspace(0, 0.96, 6) = 0, 0.192, 0.384, 0.576, 0.768, then the last step at t = 0.96;
 #   inside: t = 0.192, 0.384 (t_noise 0.808, 0.616).
@@ -124,18 +125,22 @@ def test_a_partial_interval_guides_exactly_the_calls_inside_it(models, name):
     assert calls.times(guided=False) == pytest.approx(outside, abs=1e-6)
 
 
+def noise_level(method: str):
+    return build_objective(GenerationConfig(**SAMPLERS["ddpm" if method == "ddpm" else "sde"])).noise_level
+
+
 def test_noise_level_maps_each_time_convention():
-    assert noise_level(torch.tensor([999, 700, 0]), "ddpm").tolist() == [0.999, 0.7, 0.0]
-    assert noise_level(torch.tensor([0.0, 0.25, 1.0]), "transport").tolist() == [1.0, 0.75, 0.0]
+    assert noise_level("ddpm")(torch.tensor([999, 700, 0])).tolist() == [0.999, 0.7, 0.0]
+    assert noise_level("transport")(torch.tensor([0.0, 0.25, 1.0])).tolist() == [1.0, 0.75, 0.0]
     with pytest.raises(ValueError, match="method"):
-        noise_level(torch.tensor([0.5]), "edm")
+        build_objective(GenerationConfig(method="edm"))
 
 
 def test_mixed_times_in_one_batch_guide_only_the_rows_inside(models):
     model = models["transport"]
     x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1))
     t, y = torch.tensor([0.1, 0.5, 0.9, 0.5]), torch.tensor([1, 2, 3, 4])  # t_noise 0.9, 0.5, 0.1, 0.5
-    out = guided_model_fn(model, y, 2.0, None, interval=(0.3, 0.7), method="transport")(x, t)
+    out = guided_model_fn(model, y, 2.0, None, interval=(0.3, 0.7), noise_level=noise_level("transport"))(x, t)
     full = guided_model_fn(model, y, 2.0, None)(x, t)
     cond = guided_model_fn(model, y, 1.0, None)(x, t)
     inside = torch.tensor([False, True, False, True])
@@ -157,7 +162,11 @@ def test_presets_set_the_published_fields():
     repa = load_config(None, ["generation.method=transport", "generation.preset=repa"]).generation
     assert (repa.sampler, repa.sample_steps, repa.cfg_scale, repa.guided_channels, repa.guidance_interval) == \
         ("sde", "250", 1.8, None, (0.0, 0.7))
-    assert set(GENERATION_PRESETS) == {"none", "dit", "repa"}
+    lightning = load_config(None, ["generation.method=transport", "generation.preset=lightningdit"]).generation
+    assert (lightning.sampler, lightning.ode_method, lightning.sample_steps, lightning.timestep_shift,
+            lightning.cfg_scale, lightning.guided_channels, lightning.guidance_interval) == \
+        ("ode", "euler", "249", 0.3, 10.0, 3, (0.0, 0.9))
+    assert set(GENERATION_PRESETS) == {"none", "dit", "repa", "lightningdit"}
     assert _gen(load_config(None, ["generation.preset=none"])) == {**_gen(load_config(None)), "preset": "none"}
 
 
@@ -201,8 +210,7 @@ def test_an_interval_round_trips_through_a_stored_recipe():
 
 def test_a_preset_applies_to_a_public_sit_checkpoint(tmp_path):
     # A .pt without usp metadata gets SiT's method and ODE sampler as defaults; a preset on the command line wins.
-    from usp.sample.run import load_generator
-    from usp.train.tasks.generation import build_generator
+    from usp.sample.run import build_generator, load_generator
 
     sizes = ["data.image_size=32", "model.num_classes=10"]
     path = tmp_path / "sit.pt"

@@ -192,3 +192,30 @@ def test_unknown_recipe_keys_and_values_are_named():
         load_config(None, ["latent.sample_posterior=maybe"])
     with pytest.raises(ValueError, match="optim.name='adam' is not allowed; choose one of adamw, lars, sgd"):
         load_config(None, ["optim.name=adam"])
+
+
+def test_cache_recipe_of_a_split_smaller_than_the_limit_serves_any_limit(tiny_vae_dir, tmp_path):
+    """`usp cache-latents` (cache_recipe) of a 6-image split at data.limit=10 holds the whole split, so a recipe
+    asking for 20 reads it (the demo's --full probe asks for more test images than the split has); a cache cut
+    at 4 of the 6 images is refused for a recipe that wants 6."""
+    from PIL import Image
+
+    from usp.config import load_config
+    from usp.latent.cache import cache_recipe, verify_cache
+
+    for i in range(6):
+        (tmp_path / "data" / "val" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(tmp_path / "data" / "val" / f"c{i % 2}" / f"{i}.png")
+
+    def recipe(cache: str, limit: int) -> object:
+        return load_config(None, ["data.source=folder", f"data.root={tmp_path / 'data'}", "data.image_size=32",
+                                  "latent.space=small-f4", f"latent.path={tiny_vae_dir}", f"data.limit={limit}",
+                                  f"latent.cache={tmp_path / cache}", "data.num_workers=0", "run.device=cpu"])
+
+    made = cache_recipe(recipe("whole", 10), ["val"], progress=False)
+    assert made["val"]["images"] == 6 and made["val"]["tokens"] is None
+    assert len(verify_cache(recipe("whole", 20), ["val"])[0]) == 6
+    cache_recipe(recipe("cut", 4), ["val"], progress=False)
+    assert len(verify_cache(recipe("cut", 3), ["val"])[0]) == 3
+    with pytest.raises(ValueError, match="4 images \\(cache\\) vs 6 \\(recipe data.limit\\)"):
+        verify_cache(recipe("cut", 6), ["val"])

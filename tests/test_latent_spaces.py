@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from usp.latent import vae as vae_module
 from usp.latent.cache import build_cache, read_header
 from usp.latent.ldm import KL16_LAYOUT, VAVAE_F16D32_LAYOUT, LdmLayout, diffusers_config, vae_from_ldm_state
-from usp.latent.vae import LatentSpace, denormalise, moments_to_latents, normalise, scale_and_shift
+from usp.latent.vae import LatentSpace, denormalise, moments_to_latents, norm_fingerprint, normalise, scale_and_shift
 
 # A VA-VAE-shaped tiny layout: the same code path (5 levels, f16, 32 latent channels, attention at the
 # coarsest level of encoder and decoder) with 8..32 wide convolutions, so 64 px images run in milliseconds.
@@ -345,7 +346,8 @@ def test_vavae_latents_cache_pretrain_and_sit_finetune(tiny_vavae, tmp_path):
 
     from usp.cli import main
     from usp.config import load_config
-    from usp.train import checkpoint as ckpt
+    from usp.run import checkpoint as ckpt
+    from usp.run.weights import load_weights
     from usp.train.engine import Runtime, train
     from usp.train.tasks import build_task
 
@@ -375,7 +377,7 @@ def test_vavae_latents_cache_pretrain_and_sit_finetune(tiny_vavae, tmp_path):
                                 "generation.grid_per_class=1", "optim.lr=1e-3", "optim.weight_decay=0.0"])
     task = build_task(config)
     assert task.latent_shape == (32, 4, 4) and task.model.x_embedder.proj.weight.shape[1] == 32
-    source, _ = ckpt.load_weights(weights)
+    source, _ = load_weights(weights)
     assert torch.equal(task.model.state_dict()["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
     result = train(config, task, cpu, resume=None)
     assert all(np.isfinite(r["loss"]) for r in result["history"])
@@ -393,3 +395,73 @@ def test_a_small_vae_folder_may_hold_per_channel_statistics(tmp_path):
     x = torch.ones(1, 8, 2, 2)
     z = normalise(x, *got)  # channel c: (1 − 0.1c) / (c + 1)
     assert torch.allclose(z[0, :, 0, 0], torch.tensor([(1 - 0.1 * c) / (c + 1) for c in range(8)]))
+
+
+# ---- 5. Per-channel statistics computed from a cache (usp.latent.stats, LightningDiT's latents_stats.pt) ------------
+
+
+def test_channel_stats_are_torch_mean_and_unbiased_std_over_n_h_w():
+    """With a (clamped) zero posterior variance the sample is the mean: the stats must equal torch's reduction
+    over N, H, W of those latents, std unbiased (LightningDiT's `latents.std(dim=[0, 2, 3])`)."""
+    from usp.latent.stats import channel_stats
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(12, 3, 4, 4, generator=g) * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1, 1) + 5.0
+    moments = torch.cat([mean, torch.full_like(mean, -100.0)], dim=1)  # logvar clamped to −30: std 3e-7
+    stats = channel_stats(moments.numpy(), chunk=5)
+    torch.testing.assert_close(stats["mean"], mean.mean(dim=[0, 2, 3], keepdim=True), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(stats["std"], mean.std(dim=[0, 2, 3], keepdim=True), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(stats["std"], mean.std(dim=[0, 2, 3], keepdim=True, unbiased=False), rtol=1e-4)
+
+
+def test_channel_stats_use_posterior_samples_and_at_most_max_images():
+    from usp.latent.stats import channel_stats
+
+    zeros = torch.zeros(200, 2, 4, 4)
+    moments = torch.cat([zeros, zeros], dim=1)  # mean 0, logvar 0: samples ~ N(0, 1)
+    stats = channel_stats(moments)
+    assert torch.allclose(stats["std"].flatten(), torch.ones(2), atol=0.05)  # a posterior mean would give 0
+    # image i holds the value i: a draw of 10 of 30 images has a mean of 10 distinct values, reproducibly
+    values = torch.arange(30.0).view(30, 1, 1, 1).expand(30, 1, 2, 2)
+    moments = torch.cat([values, torch.full_like(values, -100.0)], dim=1)
+    picked = channel_stats(moments, max_images=10)
+    assert torch.equal(picked["mean"], channel_stats(moments, max_images=10)["mean"])
+    assert picked["mean"].item() != pytest.approx(14.5) and 4.5 <= picked["mean"].item() <= 24.5
+
+
+def test_cache_latents_computes_the_statistics_when_none_are_published(tiny_vavae, tmp_path):
+    """No published latents_stats.pt: the space loads for encoding, the cache builder writes the statistics of the
+    unflipped cached latents beside the cache and records their hash; runs then read them from latent.cache, and
+    a published file, once there, wins."""
+    from usp.latent.stats import PENDING, channel_stats
+
+    path, published = tiny_vavae
+    (path.parent / "latents_stats.pt").unlink()
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return {"image": torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) * 2 - 1, "label": i}
+
+    folder = tmp_path / "cache"
+    with pytest.raises(FileNotFoundError, match="run `usp cache-latents`"):
+        LatentSpace.load("va-vae-f16d32", str(path))  # no cache to compute them in: refused up front
+    latent = LatentSpace.load("va-vae-f16d32", str(path), cache=str(folder))
+    assert latent.norm_fingerprint == PENDING
+    with pytest.raises(ValueError, match="not computed yet"):
+        latent.encode(torch.zeros(1, 3, 64, 64))
+    cache = build_cache(Images(), latent, 64, folder, "train", batch_size=2, progress=False)
+    stats = torch.load(folder / "latents_stats.pt", weights_only=True)
+    moments = torch.from_numpy(np.array(np.memmap(cache, dtype=np.float32, mode="r", offset=4096,
+                                                  shape=(5, 2, 64, 4, 4))))
+    assert torch.equal(stats["mean"], channel_stats(moments[:, 0])["mean"])  # the plain copies, not the flips
+    assert not torch.equal(stats["mean"], channel_stats(moments[:, 1])["mean"])
+    assert (stats["split"], stats["images"]) == ("train", 5)
+    scale, shift = scale_and_shift("va-vae-f16d32", str(path), str(folder))
+    assert torch.allclose(torch.tensor(shift, dtype=torch.float64), stats["mean"].flatten().double())
+    assert torch.allclose(torch.tensor(scale, dtype=torch.float64), 1.0 / stats["std"].flatten().double())
+    assert read_header(cache)["norm_sha256"] == norm_fingerprint(scale, shift)  # runs on this cache are checked
+    torch.save(published, path.parent / "latents_stats.pt")
+    assert scale_and_shift("va-vae-f16d32", str(path), str(folder)) == scale_and_shift("va-vae-f16d32", str(path))

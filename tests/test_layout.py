@@ -1,13 +1,15 @@
 """The package's shape: every module imports on its own (no import cycles), and the stages are layered.
 
-Layers, low to high: the package root (errors) and config; models, diffusion, data; latent; evaluate,
-sample.guided; train; sample.run; demo; cli. A module may import its own package and lower layers only
-(read from the source with `ast`, function-level imports included), with the exceptions in ALLOWED_UPWARD.
+Layers, low to high: the package root (errors) and config; run (the run folder's formats); models, diffusion,
+data; latent; evaluate, sample; train, recipe_tools, export; demo; cli. A module may import its own package and
+lower layers only (read from the source with `ast`, function-level imports included), with the exceptions in
+ALLOWED_UPWARD.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,19 +25,17 @@ MODULES = sorted(
     if path.name != "__main__.py"
 )
 LAYER = {
+    "usp": 0,  # the package root: the errors a user can fix, nothing imported
     "usp.config": 0,
-    "usp.models": 1, "usp.diffusion": 1, "usp.data": 1,
-    "usp.latent": 2,
-    "usp.evaluate": 3, "usp.sample.guided": 3,
-    "usp.train": 4,
-    "usp.sample.run": 5, "usp.sample": 5,
+    "usp.run": 1,  # the run folder's formats: every stage reads and writes them, so they sit below every stage
+    "usp.models": 2, "usp.diffusion": 2, "usp.data": 2,
+    "usp.latent": 3,
+    "usp.evaluate": 4, "usp.sample": 4,
+    "usp.train": 5, "usp.recipe_tools": 5, "usp.export": 5,
     "usp.demo": 6,
     "usp.cli": 7,
-    "usp": 0,  # the package root: the errors a user can fix, nothing imported
 }
-# Reading a weights file or a run's log is the checkpoint / log module's job at every layer: each format is
-# defined once, there.
-ALLOWED_UPWARD = {("usp.evaluate.reconstruct", "usp.train.checkpoint"), ("usp.evaluate.compare", "usp.train.log")}
+ALLOWED_UPWARD: set[tuple[str, str]] = set()  # no exceptions: a needed upward import means a module is misplaced
 
 
 def layer_of(module: str) -> tuple[str, int]:
@@ -102,8 +102,45 @@ def test_models_know_nothing_of_training_data_or_files_of_a_run():
         assert {m for m in usp_imports(path) if not m.startswith("usp.models")} == set(), path.name
 
 
-def test_every_package_says_what_lives_there():
-    for init in PACKAGE.rglob("__init__.py"):
+PACKAGES = sorted(key.split(".")[1] for key in LAYER if key.count(".") == 1)  # config, run, models, ...
+
+
+def may_import(doc: str) -> set[str]:
+    """The usp packages a docstring's "May import: ..." clause names (up to its first ';', '.' or 'never'; words in
+    parentheses are comments)."""
+    clause = re.split(r"may import:?", doc, flags=re.IGNORECASE)[1]
+    clause = re.split(r";|\.\s|\.$|\bnever\b", re.sub(r"\([^)]*\)", "", clause), flags=re.IGNORECASE)[0]
+    return {name for name in PACKAGES if re.search(rf"\b{name}\b", clause)}
+
+
+def test_every_package_says_what_lives_there_and_what_it_may_import():
+    """Each package docstring names the usp packages it may import ("May import: ..."); every package its modules
+    import (function-level imports included) is named there, and everything named lies below it."""
+    problems = []
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        where = init.relative_to(PACKAGE.parent)
         doc = ast.get_docstring(ast.parse(init.read_text()))
-        assert doc and len(doc) > 80 and "import" in doc, f"{init.relative_to(PACKAGE.parent)} needs a docstring " \
-            "saying what lives there and what it may import"
+        if not (doc and len(doc) > 80 and re.search(r"may import", doc, re.IGNORECASE)):
+            problems.append(f"{where} needs a docstring saying what lives there and a 'May import: ...' clause")
+            continue
+        named = may_import(doc)
+        if init.parent == PACKAGE:  # the root: its own __init__ imports nothing of usp
+            imported = {m.split(".")[1] for m in usp_imports(init) if m.count(".")}
+        else:
+            home = init.parent.relative_to(PACKAGE).parts[0]
+            imported = {m.split(".")[1] for path in init.parent.rglob("*.py") for m in usp_imports(path)
+                        if m.count(".")} - {home}
+            level = LAYER[f"usp.{home}"]
+            above = sorted(name for name in named if LAYER[f"usp.{name}"] >= level and name != home)
+            if above:
+                problems.append(f"{where} says it may import {above}, which do not lie below it")
+        if imported - named:
+            problems.append(f"{where}: its modules import {sorted(imported - named)}, which its docstring does not "
+                            f"name (it names {sorted(named)})")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_docstring_reader_reads_the_clause_only():
+    assert may_import("May import: config, run (not models), data; never train or demo.") == {"config", "run", "data"}
+    assert may_import("May import: torch, numpy and `usp.config`; nothing above (no latent)") == {"config"}
+    assert may_import("May import: nothing else of usp (layer 0).") == set()

@@ -29,7 +29,7 @@ def test_frechet_distance_diagonal_closed_form(method):
     d = 16
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     lam1, lam2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
-    got = frechet_distance(mu1, np.diag(lam1), mu2, np.diag(lam2), method=method)
+    got = frechet_distance(mu1, np.diag(lam1), mu2, np.diag(lam2), matrix_sqrt=method)
     assert got == pytest.approx(_closed_form(mu1, lam1, mu2, lam2), rel=1e-9)
 
 
@@ -41,7 +41,7 @@ def test_frechet_distance_commuting_closed_form(method):
     lam1, lam2 = rng.uniform(0.0, 2, d), rng.uniform(0.5, 4, d)
     lam1[:3] = 0.0  # and one of them is singular
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-    got = frechet_distance(mu1, q @ np.diag(lam1) @ q.T, mu2, q @ np.diag(lam2) @ q.T, method=method)
+    got = frechet_distance(mu1, q @ np.diag(lam1) @ q.T, mu2, q @ np.diag(lam2) @ q.T, matrix_sqrt=method)
     assert got == pytest.approx(_closed_form(mu1, lam1, mu2, lam2), rel=1e-6)
 
 
@@ -49,7 +49,7 @@ def test_frechet_distance_commuting_closed_form(method):
 def test_frechet_distance_zero_for_identical_statistics(method):
     rng = np.random.default_rng(2)
     mu, sigma = compute_statistics(rng.normal(size=(500, 32)))
-    assert abs(frechet_distance(mu, sigma, mu, sigma, method=method)) < 1e-8
+    assert abs(frechet_distance(mu, sigma, mu, sigma, matrix_sqrt=method)) < 1e-8
 
 
 @pytest.mark.parametrize("method", ["sqrtm", "eigh"])
@@ -59,20 +59,20 @@ def test_frechet_distance_rank_deficient_is_finite_and_right(method):
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(10, 64)), rng.normal(size=(10, 64)) + 0.3
     (mu1, s1), (mu2, s2) = compute_statistics(a), compute_statistics(b)
-    got = frechet_distance(mu1, s1, mu2, s2, method=method)
+    got = frechet_distance(mu1, s1, mu2, s2, matrix_sqrt=method)
     eig = np.linalg.eigvals(s1 @ s2).real.clip(min=0)
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum()
     assert math.isfinite(got)
     assert got == pytest.approx(expected, rel=1e-5)
-    assert abs(frechet_distance(mu1, s1, mu1, s1, method=method)) < 1e-4
+    assert abs(frechet_distance(mu1, s1, mu1, s1, matrix_sqrt=method)) < 1e-4
 
 
 def test_frechet_distance_methods_agree_on_feature_statistics():
     rng = np.random.default_rng(11)
     (mu1, s1), (mu2, s2) = compute_statistics(rng.gamma(2.0, size=(300, 128))), compute_statistics(
         rng.gamma(2.5, size=(200, 128)))
-    assert frechet_distance(mu1, s1, mu2, s2, method="eigh") == pytest.approx(
-        frechet_distance(mu1, s1, mu2, s2, method="sqrtm"), rel=1e-9)
+    assert frechet_distance(mu1, s1, mu2, s2, matrix_sqrt="eigh") == pytest.approx(
+        frechet_distance(mu1, s1, mu2, s2, matrix_sqrt="sqrtm"), rel=1e-9)
 
 
 def test_frechet_distance_rejects_bad_input():

@@ -20,7 +20,7 @@ from usp.cli import main
 from usp.config import load_config, read_recipe
 from usp.data.fashion_mnist import find_folder, load_fashion_mnist
 from usp.data.scan import scan_image_folder
-from usp.models.transfer import load_state_dict_file, resolve_checkpoint
+from usp.run.weights import load_weights, resolve_weights
 
 CLASSES = 4  # classes with images; a fifth, empty class folder is added to every split
 TRAIN_PER_CLASS, VAL_PER_CLASS = 60, 15
@@ -70,22 +70,25 @@ def test_init_then_demo_quick_on_own_images(tree, tmp_path, capsys):
     main(["init", "--data", str(tree), "--out", str(out)])
     printed = capsys.readouterr().out
     assert "broken.png" in printed and "zz_empty" in printed
-    recipes = {p.stem: read_recipe(p) for p in (out / "recipes").glob("*.yaml")}
-    assert set(recipes) == {"vae", "pretrain", "probe", "classify", "dit_usp", "dit_scratch", "sit_usp",
-                            "sit_scratch"}
+    assert {p.stem: read_recipe(p)["run"]["root"] for p in (out / "recipes").glob("*.yaml")} == dict.fromkeys(
+        ("vae", "pretrain", "probe", "classify", "dit_usp", "dit_scratch", "sit_usp", "sit_scratch"), "..")
+    recipes = {p.stem: load_config(p) for p in (out / "recipes").glob("*.yaml")}  # base: merged, paths resolved
     for name in ("probe", "classify", "dit_usp", "dit_scratch", "sit_usp", "sit_scratch"):
-        assert recipes[name]["model"]["num_classes"] == CLASSES + 1, name  # every class folder is a label
+        assert recipes[name].model.num_classes == CLASSES + 1, name  # every class folder is a label
     for name, recipe in recipes.items():
-        assert recipe["data"]["source"] == "folder" and Path(recipe["data"]["root"]) == tree.resolve(), name
-        assert recipe["data"]["exclude"], name  # the corrupt file is left out through the list, by name
-    assert "broken.png" in Path(recipes["pretrain"]["data"]["exclude"]).read_text()
-    assert recipes["dit_usp"]["model"]["init"] == "runs/pretrain" and recipes["dit_scratch"]["model"]["init"] is None
-    assert recipes["vae"]["data"]["hflip"] is False and recipes["pretrain"]["data"]["hflip"] is True
+        assert recipe.data.source == "folder" and Path(recipe.data.root) == tree.resolve(), name
+        assert recipe.data.exclude, name  # the corrupt file is left out through the list, by name
+    assert "broken.png" in Path(recipes["pretrain"].data.exclude).read_text()
+    assert recipes["dit_usp"].model.init == str((out / "runs" / "pretrain").resolve())
+    assert recipes["dit_scratch"].model.init is None
+    assert recipes["vae"].data.hflip is False and recipes["pretrain"].data.hflip is True
 
     demo = tmp_path / "demo"
     main(["demo", "--data", str(tree), "--quick", "--out", str(demo)])
     report = (demo / "report.md").read_text()
     assert "broken.png" in report and "zz_empty" in report and "mydata" in report
+    # Built from this data, not patched from the Fashion-MNIST text: its classes, its evaluation split.
+    assert "Fashion-MNIST" not in report and "(chance 0.20)" in report and "all 60 images of the val split" in report
     results = json.loads((demo / "results.json").read_text())
     assert {k: results["cache"][k] for k in ("train", "test")} == {"train": CLASSES * TRAIN_PER_CLASS,
                                                                     "test": CLASSES * VAL_PER_CLASS}
@@ -118,12 +121,12 @@ def test_recipe_paths_resolve_from_another_directory(tree, tmp_path, monkeypatch
     checkpoints.mkdir(parents=True)
     for step in (90, 1200, 300):  # "latest" is by step in the name, not by write order
         save_file({"w": torch.full((2,), float(step))}, str(checkpoints / f"weights_{step:07d}.safetensors"))
-    assert load_state_dict_file(config.model.init)["w"].tolist() == [1200.0, 1200.0]
-    assert resolve_checkpoint(Path(config.model.init) / "latest").name == "weights_0001200.safetensors"
-    assert resolve_checkpoint(checkpoints / "weights_0000090.safetensors").name == "weights_0000090.safetensors"
+    assert load_weights(config.model.init)[0]["w"].tolist() == [1200.0, 1200.0]
+    assert resolve_weights(Path(config.model.init) / "latest").name == "weights_0001200.safetensors"
+    assert resolve_weights(checkpoints / "weights_0000090.safetensors").name == "weights_0000090.safetensors"
     (out / "vae").mkdir()
     with pytest.raises(FileNotFoundError, match="looked for weights_<step>.safetensors in .*vae/checkpoints"):
-        resolve_checkpoint(out / "vae")
+        resolve_weights(out / "vae")
 
 
 def test_fmnist_recipes_name_the_pretraining_run_folder():
@@ -201,7 +204,7 @@ def test_reference_lists_the_corrupt_file_it_leaves_out(tree, tmp_path, capsys):
 
 
 def test_fetch_lists_hub_and_local_assets():
-    from usp.demo.fetch import assets
+    from usp.recipe_tools.fetch import assets
 
     found = assets(["pretrain/vit_b_2_sdvae_224", "finetune/dit_xl_2_usp_256", "fmnist/pretrain"])
     assert ("hub", "stabilityai/sd-vae-ft-ema") in found and ("local", "runs/fmnist-vae/vae") in found
@@ -254,7 +257,7 @@ def test_every_training_run_writes_its_loss_curve_beside_its_log(fmnist_override
 
 @needs_fmnist
 def test_latent_space_follows_the_resolution(tree, tmp_path):
-    from usp.demo.init import init_recipes
+    from usp.recipe_tools.init import init_recipes
 
     for size, space, model, has_vae in ((64, "small-f4", "dit_t_2", True), (128, "sd-vae-ft-ema", "dit_b_2", False)):
         _, plan, files = init_recipes(tree, tmp_path / str(size), image_size=size)
@@ -263,3 +266,38 @@ def test_latent_space_follows_the_resolution(tree, tmp_path):
         assert (config.latent.space, config.model.name, config.data.image_size) == (space, model, size)
         if not has_vae:
             assert config.latent.path == "stabilityai/sd-vae-ft-ema"  # a hub id is not taken for a path
+
+
+def _brightness_classes(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, 32, 32) images in [-1, 1] whose mean brightness is their class (-0.6, 0, 0.6), plus noise."""
+    labels = torch.arange(3).repeat(count // 3)
+    noise = 0.1 * torch.randn(len(labels), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return (labels.float() - 1).mul(0.6).view(-1, 1, 1, 1) + noise, labels
+
+
+def test_the_domain_trainer_learns_its_classes_and_records_them(tmp_path):
+    from usp.evaluate.domain import DomainEvaluator, train_domain_cnn
+
+    (x, y), (test_x, test_y) = _brightness_classes(120, 0), _brightness_classes(30, 1)
+    path = tmp_path / "domain.safetensors"
+    _, accuracy = train_domain_cnn(x, y, test_x, test_y, path, steps=30, num_classes=3, batch_size=32)
+    evaluator = DomainEvaluator.load(path)  # builds a 3-class head from the metadata
+    assert accuracy == 1.0 and (evaluator.predict(test_x) == test_y.numpy()).all()
+    assert (evaluator.metadata["num_classes"], evaluator.metadata["epochs"]) == ("3", "10")  # 30 steps of 3 per epoch
+
+
+def test_the_fashion_mnist_classifier_is_the_same_trainer_in_epochs(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import usp.evaluate.domain as domain
+
+    (x, y), (test_x, test_y) = _brightness_classes(300, 0), _brightness_classes(30, 1)
+    splits = {"train": (x, y), "test": (test_x, test_y)}
+    # Fashion-MNIST stand-in: the loader's uint8 (N, 28, 28) is replaced by ready (N, 3, 32, 32) tensors.
+    monkeypatch.setattr(domain, "load_fashion_mnist", lambda root, split: (splits[split][0], splits[split][1].numpy()))
+    monkeypatch.setattr(domain, "to_rgb32", lambda images: images)
+    domain.train_domain_classifier(tmp_path / "a.safetensors", epochs=2, seed=3, batch_size=64)
+    domain.train_domain_cnn(x, y, test_x, test_y, tmp_path / "b.safetensors", steps=2 * (300 // 64), seed=3,
+                            batch_size=64)
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

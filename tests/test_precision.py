@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from usp.train import dist
+from usp.run import runtime as dist
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 

@@ -13,7 +13,7 @@ from usp.data.images import FashionMNISTDataset, build_transform
 from usp.data.sampler import SeededDataset
 from usp.latent.cache import build_cache
 from usp.latent.vae import LatentSpace
-from usp.train import checkpoint as ckpt
+from usp.run import checkpoint as ckpt
 from usp.train.engine import Runtime, train
 from usp.train.tasks import build_task
 
@@ -127,16 +127,18 @@ def generator(setup):
 def test_backbone_features_are_the_blocks_outputs_under_the_null_label(generator):
     """The probe's features equal the mean of what each block returns inside the model's own forward, called
     with the null label and the mapped time; the label embedding does not leak: any label gives other features."""
-    from usp.evaluate.backbone_probe import backbone_features, model_time, noised
+    from usp.diffusion import build_objective
+    from usp.evaluate.backbone_probe import backbone_features
     from usp.sample.run import load_generator
 
     model, config = load_generator(generator)
-    assert model_time(config, 0.0) == 0.0 and model_time(config, 1.0) == 999.0  # DDPM: t = 0 is data
-    sit = load_config(None, ["generation.method=transport", "generation.sampler=ode"])
-    assert model_time(sit, 0.0) == 1.0 and model_time(sit, 0.25) == 0.75  # transport: t = 1 is data
+    ddpm = build_objective(config.generation)
+    assert ddpm.model_time(0.0) == 0.0 and ddpm.model_time(1.0) == 999.0  # DDPM: t = 0 is data
+    sit = build_objective(load_config(None, ["generation.method=transport", "generation.sampler=ode"]).generation)
+    assert sit.model_time(0.0) == 1.0 and sit.model_time(0.25) == 0.75  # transport: t = 1 is data
     torch.manual_seed(0)
     x, noise = torch.randn(3, 8, 8, 8), torch.randn(3, 8, 8, 8)
-    x_t, t = noised(config, x, noise, 0.5)
+    x_t, t = ddpm.noised(x, noise, 0.5)
     assert t.tolist() == [500, 500, 500]  # round(0.5 · 999)
     outputs = []
     hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.mean(dim=1))) for b in model.blocks]
@@ -156,11 +158,11 @@ def test_backbone_features_are_the_blocks_outputs_under_the_null_label(generator
         backbone_features(model, x_t, t, [5])
 
 
-def test_usp_probe_on_a_dit_checkpoint(generator, capsys, tmp_path):
+def test_usp_probe_backbone_on_a_dit_checkpoint(generator, capsys, tmp_path):
     from usp.cli import main
 
     out = tmp_path / "backbone.json"
-    main(["probe", str(generator), "--blocks", "1", "3", "--noise-levels", "0", "0.5", "--out", str(out)])
+    main(["probe-backbone", str(generator), "--blocks", "1", "3", "--noise-levels", "0", "0.5", "--out", str(out)])
     result = json.loads(out.read_text())
     assert [(r["block"], r["noise_level"]) for r in result["rows"]] == [(1, 0.0), (1, 0.5), (3, 0.0), (3, 0.5)]
     assert all(0.0 <= r["logistic_top1"] <= 100.0 and 0.0 <= r["knn_top1"] <= 100.0 for r in result["rows"])
@@ -169,4 +171,12 @@ def test_usp_probe_on_a_dit_checkpoint(generator, capsys, tmp_path):
     assert result["protocol"]["train_images"] == 32
     assert "| 3 | 0.5 | 500 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["probe", str(generator), "--noise-levels", "1.5"])
+        main(["probe-backbone", str(generator), "--noise-levels", "1.5"])
+
+
+def test_usp_probe_of_a_weights_file_names_the_backbone_command(generator, capsys):
+    from usp.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["probe", str(generator), "--dry-run"])
+    assert "usp probe-backbone WEIGHTS" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import torch
 from usp.config import load_config
 from usp.latent.vae import spec_of
 from usp.models import create_model, list_models, model_entry
+from usp.sample.run import build_generator
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").rglob("*.yaml"))
 
@@ -28,12 +29,12 @@ def test_recipe_loads_and_names_a_registered_model(path):
     assert config.data.image_size % spec.factor == 0
     side = config.data.image_size // spec.factor
     if config.run.task == "finetune":
-        assert config.model.name in list_models("dit") + list_models("sit")
+        assert config.model.name in list_models("dit") + list_models("sit") + list_models("lightningdit")
         with torch.device("meta"):
-            model = create_model(config.model.name, input_size=side, in_channels=spec.channels)
-        assert model.x_embedder.proj.in_channels == spec.channels
+            model = build_generator(config)
+        assert model.x_embedder.proj.in_channels == spec.channels and model.input_size == side
     else:
-        entry = model_entry(config.model.name, ("vit", "vit_cls"))
+        entry = model_entry(config.model.name, ("vit", "vit_cls", "vit_lightning"))
         assert side % entry.patch_size == 0
 
 

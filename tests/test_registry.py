@@ -24,17 +24,20 @@ SNAPSHOT = Path(__file__).parent / "snapshots" / "registry.json"
 NAMES = list_models()
 LATENT = dict(size=8, channels=4)  # 8x8x4 latents: every patch size (1, 2, 4, 8) divides 8
 FULL_SIZE_INPUT = {"vit": dict(latent_size=32, in_channels=4), "vit_cls": dict(latent_size=32, in_channels=4),
-                   "dit": dict(input_size=32, in_channels=4), "sit": dict(input_size=32, in_channels=4)}
+                   "vit_lightning": dict(latent_size=16, in_channels=32),
+                   "dit": dict(input_size=32, in_channels=4), "sit": dict(input_size=32, in_channels=4),
+                   "lightningdit": dict(input_size=16, in_channels=32)}  # LightningDiT's VA-VAE f16d32 input
+GENERATORS = ("dit", "sit", "lightningdit")
 
 
 def tiny(name: str, depth: int = 2, **overrides) -> torch.nn.Module:
     family = model_entry(name).family
-    size = {"input_size": LATENT["size"]} if family in ("dit", "sit") else {"latent_size": LATENT["size"]}
-    if family in ("dit", "sit"):
+    size = {"input_size": LATENT["size"]} if family in GENERATORS else {"latent_size": LATENT["size"]}
+    if family in GENERATORS:
         overrides.setdefault("num_classes", 10)
     if family == "vit_cls":
         overrides.setdefault("num_classes", 10)
-    if family == "vit":  # the decoder is the same 512-wide one for every size: one block of it is enough here
+    if family in ("vit", "vit_lightning"):  # the decoder is 512 wide for every size: one block of it is enough here
         overrides.setdefault("decoder_depth", 1)
     return create_model(name, depth=depth, in_channels=LATENT["channels"], **size, **overrides)
 
@@ -56,8 +59,9 @@ def full_size_layout(name: str) -> dict[str, object]:
 
 def test_registry_counts_every_family_and_size():
     families = {entry.family for entry in REGISTRY.values()}
-    assert families == {"vit", "vit_cls", "dit", "sit"}
-    assert len(NAMES) == len(SIZES) * (3 + 3 + 4 + 4) == 70
+    assert families == {"vit", "vit_cls", "dit", "sit", "lightningdit", "vit_lightning"}
+    # LightningDiT and its encoder: sizes t, b, l, xl at patch 1 and 2
+    assert len(NAMES) == len(SIZES) * (3 + 3 + 4 + 4) + 2 * 4 * 2 == 86
     assert {"vit_b_2", "vit_b_2_cls", "dit_xl_2", "sit_xl_2", "vit_b_1"} <= set(NAMES)
     assert classifier_for("vit_l_2") == "vit_l_2_cls" and classifier_for("vit_l_2_cls") == "vit_l_2_cls"
     with pytest.raises(ValueError, match="not a registered vit/vit_cls model; choose one of: vit_t_1"):
@@ -70,20 +74,20 @@ def test_forward_backward_finite(name):
     family = model_entry(name).family
     model = tiny(name)
     x = torch.randn(2, LATENT["channels"], LATENT["size"], LATENT["size"])
-    if family == "vit":
+    if family in ("vit", "vit_lightning"):
         loss, pred, mask = model(x, 0.75)
         assert mask.sum().item() == 2 * int(0.75 * model.num_patches)  # MAE keeps int(L·(1−r)) visible
     elif family == "vit_cls":
         loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([1, 7]))
     else:
         out = model(x, torch.tensor([10.0, 500.0]), torch.tensor([3, 9]))
-        assert out.shape[1] == (8 if family == "dit" else 4)  # DiT returns the sigma channels, SiT does not
+        assert out.shape[1] == (8 if family == "dit" else 4)  # DiT returns the sigma channels, SiT/LightningDiT not
         loss = out.square().mean()
     loss.backward()
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-    if family in ("vit", "vit_cls"):  # something upstream learns (DiT/SiT blocks start gated off by adaLN-Zero)
+    if family in ("vit", "vit_cls", "vit_lightning"):  # something upstream learns (DiT blocks start gated off)
         assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
@@ -114,12 +118,14 @@ def write_snapshot() -> None:
 
 def _same_size_mae(name: str) -> str | None:
     entry = model_entry(name)
-    return next((n for n in list_models("vit") if (model_entry(n).size, model_entry(n).patch_size)
+    source_family = "vit_lightning" if entry.family == "lightningdit" else "vit"
+    return next((n for n in list_models(source_family) if (model_entry(n).size, model_entry(n).patch_size)
                  == (entry.size, entry.patch_size)), None)
 
 
 # Every downstream model that has a same-size pretraining model (DiT/SiT patch 8 has none: no MAE uses it).
-TRANSFER_TARGETS = [n for n in list_models("vit_cls") + list_models("dit") + list_models("sit") if _same_size_mae(n)]
+TRANSFER_TARGETS = [n for n in list_models("vit_cls") + list_models("dit") + list_models("sit")
+                    + list_models("lightningdit") if _same_size_mae(n)]
 
 
 @pytest.mark.parametrize("name", TRANSFER_TARGETS)
@@ -134,7 +140,9 @@ def test_transfer_from_the_same_size_mae_covers_every_block(name):
     assert loaded_blocks == {0, 1}
     state = target.state_dict()
     for block in range(2):
-        for part in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight", "norm1.weight"):
+        mlp = ("mlp.w12.weight", "mlp.w3.weight") if entry.family == "lightningdit" else ("mlp.fc1.weight",
+                                                                                         "mlp.fc2.weight")
+        for part in ("attn.qkv.weight", "attn.proj.weight", *mlp, "norm1.weight", "norm2.weight"):
             key = f"blocks.{block}.{part}"
             assert key in report.loaded and torch.equal(state[key], source[key])
 

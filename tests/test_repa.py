@@ -10,16 +10,17 @@ import pytest
 import torch
 
 from usp.config import load_config
+from usp.latent.features import load_repa_teacher
 from usp.models.repa import (
     attach_projectors,
     build_teacher_encoder,
-    load_teacher,
     load_teacher_weights,
     match_grid,
     projection_loss,
     save_teacher,
 )
-from usp.train import checkpoint as ckpt
+from usp.run import checkpoint as ckpt
+from usp.run.weights import load_weights
 from usp.train.engine import Runtime, train
 from usp.train.tasks import build_task
 
@@ -59,7 +60,7 @@ def test_match_grid_area_averages_each_generator_patch():
 def test_teacher_tokens_drop_cls_and_registers_resize_and_normalise(tmp_path):
     encoder = build_teacher_encoder("vit_tiny_patch16_224", **TINY_TEACHER)
     save_teacher(encoder, tmp_path / "t.safetensors", TINY_TEACHER)
-    teacher = load_teacher("vit_tiny_patch16_224", str(tmp_path / "t.safetensors"))
+    teacher = load_repa_teacher("vit_tiny_patch16_224", str(tmp_path / "t.safetensors"))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     images = torch.rand(2, 3, 16, 16) * 2 - 1  # half the teacher's resolution: resized to 32
     tokens = teacher.tokens(images)
@@ -118,7 +119,7 @@ def repa_recipe(tiny_vae_dir, tmp_path):
     build_cache(images, LatentSpace.load("small-f4", str(tiny_vae_dir)), 32, cache, "train", progress=False)
     torch.manual_seed(3)
     save_teacher(build_teacher_encoder("vit_tiny_patch16_224", **TINY_TEACHER), weights, TINY_TEACHER)
-    teacher = load_teacher("vit_tiny_patch16_224", str(weights))
+    teacher = load_repa_teacher("vit_tiny_patch16_224", str(weights))
     folder = features_dir(cache, "vit_tiny_patch16_224", str(weights))
     build_features(teacher, images, LatentCacheDataset(cache, "train", "small-f4", 32), folder, "train", grid=4)
     overrides = [
@@ -177,20 +178,19 @@ def test_repa_trains_the_projector_not_the_teacher_and_resumes_bitwise(repa_reci
 
 
 def test_projector_is_optimised_and_left_out_of_the_sampling_weights(repa_recipe, tmp_path):
-    from usp.sample.run import run_sampling
-    from usp.train.engine import Plan, build_state
-    from usp.train.tasks.generation import build_generator
+    from usp.sample.run import build_generator, run_sampling
+    from usp.train.engine import BatchPlan, build_state
 
     overrides, _, _ = repa_recipe
     config = load_config(None, [*overrides, "run.name=export", "train.max_steps=2"])
     task = build_task(config)
-    state = build_state(config, task, CPU, Plan.of(config.train, 0, len(task.train_set), CPU))
+    state = build_state(config, task, CPU, BatchPlan.of(config.train, 0, len(task.train_set), CPU))
     optimised = {id(p) for group in state.optimizer.param_groups for p in group["params"]}
     assert all(id(p) in optimised for p in task.model.projectors.parameters())
     assert not any(id(p) in optimised for p in task.teacher.parameters())
     train(config, build_task(config), CPU, resume=None)
     path = ckpt.latest_weights(config.run_dir / "checkpoints")
-    weights, meta = ckpt.load_weights(path)
+    weights, meta = load_weights(path)
     assert meta["ema"] and not any(k.startswith("projectors.") for k in weights)
     plain = build_generator(config)
     plain.load_state_dict(weights, strict=True)
@@ -219,13 +219,13 @@ def test_dit_from_usp_with_online_teacher_tokens(tiny_vae_dir, tmp_path):
                                 "repa.teacher=vit_tiny_patch16_224", f"repa.teacher_weights={weights}",
                                 "repa.depth=1", "repa.projector_dim=16"])
     task = build_task(config)
-    source, _ = ckpt.load_weights(usp_weights)
+    source, _ = load_weights(usp_weights)
     assert torch.equal(task.model.state_dict()["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
     assert not task.repa_cached
     result = train(config, task, CPU, resume=None)
     assert all(math.isfinite(r["repa_loss"]) for r in result["history"])
-    saved, _ = ckpt.load_weights(ckpt.latest_weights(config.run_dir / "checkpoints"))
-    from usp.train.tasks.generation import build_generator
+    saved, _ = load_weights(ckpt.latest_weights(config.run_dir / "checkpoints"))
+    from usp.sample.run import build_generator
 
     build_generator(config).load_state_dict(saved, strict=True)
 
@@ -255,7 +255,7 @@ def test_a_teacher_file_loads_at_another_resolution_with_its_position_table_resa
 
     encoder = build_teacher_encoder("vit_tiny_patch16_224", **TINY_TEACHER)
     save_teacher(encoder, tmp_path / "t.safetensors", TINY_TEACHER)
-    teacher = load_teacher("vit_tiny_patch16_224", str(tmp_path / "t.safetensors"), img_size=16)
+    teacher = load_repa_teacher("vit_tiny_patch16_224", str(tmp_path / "t.safetensors"), img_size=16)
     assert teacher.image_size == 16 and teacher.grid == 4
     table = encoder.pos_embed  # (1, 2 + 64, D): cls + register, then the 8x8 grid
     expected = timm.layers.resample_abs_pos_embed(table, [4, 4], num_prefix_tokens=2)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from usp.config import load_config
-from usp.train import checkpoint as ckpt
+from usp.run import checkpoint as ckpt
+from usp.run.weights import load_weights
 from usp.train.engine import Runtime, train
 from usp.train.tasks import build_task
 
@@ -42,7 +43,7 @@ def test_finetune_from_usp_transfers_trains_and_samples(pretrained, family):
                                 "train.ema_decay=0.9", "optim.lr=1e-3", "optim.weight_decay=0.0",
                                 "generation.grid_per_class=1"])
     task = build_task(config)
-    source, _ = ckpt.load_weights(weights)
+    source, _ = load_weights(weights)
     # Transfer: every encoder block is copied, the DiT-only parts are new.
     block = task.model.state_dict()
     for key in ("blocks.0.attn.qkv.weight", "blocks.3.mlp.fc2.bias", "blocks.1.norm1.weight"):
@@ -54,7 +55,7 @@ def test_finetune_from_usp_transfers_trains_and_samples(pretrained, family):
     grid = config.run_dir / "samples" / "step_0000002.png"
     assert grid.is_file() and grid.stat().st_size > 100
     # The EMA weights are what the weights file holds.
-    saved, meta = ckpt.load_weights(ckpt.latest_weights(config.run_dir / "checkpoints"))
+    saved, meta = load_weights(ckpt.latest_weights(config.run_dir / "checkpoints"))
     assert meta["ema"] and torch.equal(saved["blocks.0.attn.qkv.weight"], result["ema"].blocks[0].attn.qkv.weight)
 
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from usp import CheckpointError
 from usp.models import create_model
-from usp.models.transfer import TransferReport, load_state_dict_file, transfer_weights
+from usp.models.transfer import TransferReport, transfer_weights
 from usp.models.vit import VisionTransformer, resize_pos_embed, sincos_1d, sincos_2d
+from usp.run.weights import load_weights, unwrap_state_dict
 
 
 class _Opaque:
@@ -170,7 +172,7 @@ def test_checkpoint_wrapper_and_ddp_prefix_are_unwrapped():
     a = tiny_dit()
     torch.manual_seed(0)
     b = tiny_dit()  # same fresh init, so the whole state dicts must agree
-    report_a, report_b = transfer_weights(src, a), transfer_weights(wrapped, b)
+    report_a, report_b = transfer_weights(src, a), transfer_weights(unwrap_state_dict(wrapped), b)
     assert report_a == report_b
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -251,35 +253,49 @@ def test_sincos_resize_approximates_the_continuous_table(old, new, max_bound, in
 # --------------------------------------------------------------------------------------------
 
 
-def test_load_state_dict_file_reads_pt_and_safetensors(tmp_path):
+def test_the_weights_reader_reads_pt_and_safetensors(tmp_path):
     src = {"a": torch.randn(3), "b.c": torch.randn(2, 2)}
     args = argparse.Namespace(model="vit_b_2", blr=1.5e-4)  # MAE-style checkpoints carry their arguments
     torch.save({"model": {f"module.{k}": v for k, v in src.items()}, "epoch": 1, "args": args}, tmp_path / "ckpt.pth")
     save_file(src, str(tmp_path / "w.safetensors"))
     for name in ("ckpt.pth", "w.safetensors"):
-        loaded = load_state_dict_file(tmp_path / name)
-        assert loaded.keys() == src.keys() and all(torch.equal(loaded[k], src[k]) for k in src)
+        loaded, meta = load_weights(tmp_path / name)
+        assert loaded.keys() == src.keys() and all(torch.equal(loaded[k], src[k]) for k in src) and meta == {}
     torch.save({"ema": src, "model": {"x": torch.zeros(1)}}, tmp_path / "both.pt")
-    assert load_state_dict_file(tmp_path / "both.pt").keys() == src.keys()  # EMA preferred, as DiT samples it
+    assert load_weights(tmp_path / "both.pt")[0].keys() == src.keys()  # EMA preferred, as DiT samples it
     with pytest.raises(FileNotFoundError, match="nothing.pt does not exist"):
-        load_state_dict_file(tmp_path / "nothing.pt")
+        load_weights(tmp_path / "nothing.pt")
     torch.save({"model": src, "extra": _Opaque()}, tmp_path / "odd.pt")
-    with pytest.raises(ValueError, match=r"holds a \S*_Opaque that weights_only loading refuses"):  # names it
-        load_state_dict_file(tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=r"holds a \S*_Opaque that weights_only loading refuses"):  # names it
+        load_weights(tmp_path / "odd.pt")
     # Files that are not what their suffix says: one error naming the file, not the reader's own exception.
     (tmp_path / "garbage.safetensors").write_bytes(b"this is not a safetensors file")
-    with pytest.raises(ValueError, match="garbage.safetensors is not a readable safetensors file"):
-        load_state_dict_file(tmp_path / "garbage.safetensors")
+    with pytest.raises(CheckpointError, match="garbage.safetensors cannot be read .* not a safetensors file"):
+        load_weights(tmp_path / "garbage.safetensors")
     (tmp_path / "garbage.pt").write_bytes(b"this is not a torch file")
-    with pytest.raises(ValueError, match="garbage.pt is not a readable torch checkpoint"):
-        load_state_dict_file(tmp_path / "garbage.pt")
+    with pytest.raises(CheckpointError, match="garbage.pt cannot be read .* not a torch checkpoint"):
+        load_weights(tmp_path / "garbage.pt")
     whole = (tmp_path / "ckpt.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(ValueError, match="truncated.pth is not a readable torch checkpoint"):
-        load_state_dict_file(tmp_path / "truncated.pth")
+    with pytest.raises(CheckpointError, match="truncated.pth cannot be read .* not a torch checkpoint"):
+        load_weights(tmp_path / "truncated.pth")
     (tmp_path / "w.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="suffix '.npz'"):
-        load_state_dict_file(tmp_path / "w.npz")
+        load_weights(tmp_path / "w.npz")
+
+
+def test_the_weights_reader_checks_the_digest_of_a_run_s_weights(tmp_path):
+    # The reader model.init goes through is the verified one: a run's weights whose bytes changed are refused.
+    from usp.run.checkpoint import save_weights
+
+    path = save_weights(tmp_path, 3, {"w": torch.arange(4.0)}, {"task": "pretrain"})
+    weights, meta = load_weights(tmp_path)  # a folder: its highest-step weights file
+    assert weights["w"].tolist() == [0.0, 1.0, 2.0, 3.0] and meta == {"task": "pretrain"}
+    data = bytearray(path.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # the last float (3.0) becomes +inf: the header and size are unchanged
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="do not match the digest"):
+        load_weights(path)
 
 
 def test_report_round_trips_through_json(tmp_path):

@@ -1,52 +1,40 @@
 """`usp <command>`: parse, load the recipe, call the library. Nothing else lives here.
 
-Examples:
-  usp train-vae configs/fmnist/vae.yaml
-  usp cache-latents configs/fmnist/pretrain.yaml --splits train test
-  usp pretrain configs/fmnist/pretrain.yaml train.max_steps=200
-  usp pretrain configs/pretrain/vit_b_2_sdvae_224.yaml data.root=/data/imagenet   # under torchrun
-  usp reconstruct runs/fmnist-pretrain/checkpoints/weights_0000200.safetensors --out restore.png
-  usp finetune configs/fmnist/dit_usp.yaml
-  usp sample runs/fmnist-dit-usp/checkpoints/weights_0002000.safetensors --num-samples 1000
-  usp evaluate VIRTUAL_imagenet256_labeled.npz samples_50000.npz --out metrics.json
-  usp probe configs/fmnist/probe.yaml --fast
-  usp pretrain fmnist/pretrain --resume none train.max_steps=50   # shipped recipe by name; any order
-  usp init --data my_images --out my_usp             # scan my_images/{train,val}/<class>/, write recipes
-  usp demo --data my_images --quick --out my_demo    # the whole pipeline and report on my_images
-  usp list recipes
-  usp reference my_images/val --out ref.npz --image-size 32
-  usp fetch pretrain/vit_b_2_sdvae_224 --cache usp_assets     # on a connected machine, for offline jobs
-  usp probe configs/fmnist/probe.yaml            # the paper's linear probe (LARS); result.json in the run folder
-  usp classify configs/fmnist/classify.yaml      # full fine-tuning, Table 13 augmentation
-  usp probe runs/fmnist-dit-usp/checkpoints/weights_0001500.safetensors --blocks 2 4 --noise-levels 0.1 0.5
+`usp --help` lists the commands and an example of each (declared once, with the command); `usp COMMAND --help`
+its options. Every command takes --dry-run; options and `section.key=value` overrides mix in any order.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import sys
+from pathlib import Path
 
 from usp import RunError
+from usp.config import load_config, read_recipe, split_overrides
 
-TRAIN_COMMANDS = {
-    "pretrain": "pretrain",
-    "train-vae": "vae",
-    "finetune": "finetune",
-    "probe": "probe",
-    "classify": "classify",
+TRAIN_COMMANDS = {"pretrain": "pretrain", "train-vae": "vae", "finetune": "finetune", "probe": "probe",
+                  "classify": "classify"}
+TRAIN_EXAMPLES = {
+    "pretrain": ["usp pretrain configs/fmnist/pretrain.yaml train.max_steps=200",
+                 "usp pretrain fmnist/pretrain --resume none train.max_steps=50   # shipped recipe by name, any order",
+                 "usp pretrain configs/pretrain/vit_b_2_sdvae_224.yaml data.root=/data/imagenet   # under torchrun"],
+    "train-vae": ["usp train-vae configs/fmnist/vae.yaml"], "finetune": ["usp finetune configs/fmnist/dit_usp.yaml"],
+    "probe": ["usp probe configs/fmnist/probe.yaml --fast   # without --fast: the paper's linear probe (LARS)"],
+    "classify": ["usp classify configs/fmnist/classify.yaml   # full fine-tuning, Table 13 augmentation"],
 }
 
 
 def _recipe(args: argparse.Namespace, task: str | None = None):
     """The resolved recipe; a training command sets run.task and refuses a recipe written for another."""
-    from usp.config import load_config, read_recipe
-
     overrides = list(args.overrides)
     if task is not None:
-        written = read_recipe(args.recipe) if args.recipe else {}
-        declared = (written.get("run") or {}).get("task")
+        if args.recipe and args.recipe.endswith((".safetensors", ".pt")):
+            raise ValueError(f"{args.recipe} is a weights file; `usp {args.command}` takes a recipe (the probe of a "
+                             "DiT/SiT backbone is `usp probe-backbone WEIGHTS`)")
+        declared = ((read_recipe(args.recipe) if args.recipe else {}).get("run") or {}).get("task")
         if declared not in (None, task):
             raise ValueError(f"{args.recipe} is a run.task={declared} recipe; run it with `usp "
                              f"{next(c for c, t in TRAIN_COMMANDS.items() if t == declared)}` instead")
@@ -54,147 +42,92 @@ def _recipe(args: argparse.Namespace, task: str | None = None):
     return load_config(args.recipe, overrides)
 
 
+def dry_run(args: argparse.Namespace) -> None:
+    """What a command would do, without doing it: a training command's resolved recipe; any other command's
+    arguments, and the resolved recipe where it reads one."""
+    if args.command in TRAIN_COMMANDS:
+        print(_recipe(args, TRAIN_COMMANDS[args.command]).to_yaml())
+        return
+    print(json.dumps({k: v for k, v in vars(args).items() if k not in ("func", "dry_run")}, indent=1, default=str))
+    if args.command == "cache-latents":
+        print(_recipe(args).to_yaml())
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from usp.train.engine import setup_runtime, train
     from usp.train.tasks import build_task
 
-    if args.command == "probe" and args.recipe and args.recipe.endswith((".safetensors", ".pt")):
-        return dry_run(args) if args.dry_run else cmd_probe_backbone(args)
     config = _recipe(args, TRAIN_COMMANDS[args.command])
-    if args.dry_run:
-        print(config.to_yaml())
-        return
     if getattr(args, "fast", False):
-        return cmd_probe_fast(args)
+        from usp.train.tasks.classification import fast_probe
+
+        print(json.dumps(fast_probe(config), indent=1))
+        return
     runtime = setup_runtime(config.run.device)
-    task = build_task(config)
-    resume = None if args.resume == "none" else args.resume
-    train(config, task, runtime, resume=resume)
+    train(config, build_task(config), runtime, resume=None if args.resume == "none" else args.resume)
     print(f"run folder: {config.run_dir}")
-
-
-def cmd_probe_fast(args: argparse.Namespace) -> None:
-    from usp.train.tasks.classification import fast_probe
-
-    config = _recipe(args, "probe")
-    result = fast_probe(config)
-    print(json.dumps(result, indent=1))
-
-
-def dry_run(args: argparse.Namespace) -> None:
-    """What a command would do, without doing it: its arguments, and the resolved recipe where it reads one."""
-    plan = {key: value for key, value in vars(args).items() if key not in ("func", "dry_run")}
-    print(json.dumps(plan, indent=1, default=str))
-    if args.command == "cache-latents":
-        print(_recipe(args).to_yaml())
 
 
 def cmd_probe_backbone(args: argparse.Namespace) -> None:
     from usp.evaluate.backbone_probe import format_table, probe_backbone
     from usp.sample.run import load_generator
 
-    model, config = load_generator(args.recipe, list(args.overrides), args.model)
-    result = probe_backbone(model, config, args.recipe, blocks=args.blocks, noise_levels=args.noise_levels)
+    model, config = load_generator(args.weights, list(args.overrides), args.model)
+    result = probe_backbone(model, config, args.weights, blocks=args.blocks, noise_levels=args.noise_levels)
     print(json.dumps(result, indent=1))
     print(format_table(result))
     if args.out:
-        from pathlib import Path
-
         Path(args.out).write_text(json.dumps(result, indent=1))
 
 
+def cmd_cache_latents(args: argparse.Namespace) -> None:
+    from usp.latent.cache import cache_recipe
+
+    for split, made in cache_recipe(_recipe(args), args.splits, args.out, args.batch_size).items():
+        print(f"{split}: {made['images']} images -> {made['path']}")
+        if made["tokens"]:
+            print(f"{split}: REPA teacher tokens -> {made['tokens']}")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
-    from usp.models.transfer import resolve_checkpoint
+    from usp.run.weights import resolve_weights
     from usp.sample.run import run_sampling
 
-    path = run_sampling(resolve_checkpoint(args.weights), args.overrides, out_dir=args.out,
+    path = run_sampling(resolve_weights(args.weights), args.overrides, out_dir=args.out,
                         num_samples=args.num_samples, seed=args.seed, balanced=args.balanced,
                         batch_size=args.batch_size, model_name=args.model, grid=args.grid)
     print(f"wrote {path}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from usp.evaluate.reference import main as evaluate_main
-
-    for name, path in (("reference", args.ref), ("samples", args.samples)):  # before Inception loads (slow)
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{name} batch {path} not found; write one with `usp reference DIR --out "
-                                    f"ref.npz` or `usp sample`")
 
     evaluate_main(args.ref, args.samples, out_json=args.out, inception_weights=args.inception_weights,
                   batch_size=args.batch_size, device=args.device)
 
 
-def cmd_cache_latents(args: argparse.Namespace) -> None:
-    import torch
-
-    from usp.data.images import build_image_dataset, build_transform
-    from usp.latent.cache import build_cache, cache_crop, cache_source
-    from usp.latent.features import build_recipe_features
-    from usp.latent.vae import LatentSpace
-
-    config = _recipe(args)
-    lc, dc = config.latent, config.data
-    folder = args.out or lc.cache
-    if folder is None:
-        raise SystemExit("error: give --out DIR or set latent.cache in the recipe")
-    latent = LatentSpace.load(lc.space, lc.path)
-    latent.check_image_size(dc.image_size)
-    # The ADM centre crop as DiT trains; the flip is stored beside each image.
-    transform = build_transform(dc.image_size, cache_crop(dc.source), hflip=False, normalize=dc.normalize)
-    device = "cuda" if torch.cuda.is_available() and config.run.device != "cpu" else "cpu"
-    for split in args.splits:
-        dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download, dc.exclude)
-        path = build_cache(dataset, latent, dc.image_size, folder, split, args.batch_size, dc.num_workers, device,
-                           source=cache_source(config, split))
-        print(f"{split}: {len(dataset)} images -> {path}")
-        tokens = build_recipe_features(config, dataset, split, folder, device)  # REPA's teacher tokens, if on
-        if tokens:
-            print(f"{split}: REPA teacher tokens -> {tokens}")
-
-
 def cmd_demo(args: argparse.Namespace) -> None:
-    if args.data:
-        from usp.demo.own_data import run_own_data_demo
+    from usp.demo.pipeline import run_demo
 
-        report = run_own_data_demo(args.data, args.out, quick=args.quick, seed=args.seed,
-                                   image_size=args.image_size, flip=not args.no_flip)
-    else:
-        from usp.demo.pipeline import run_demo
-
-        report = run_demo(args.out, quick=args.quick, seed=args.seed, full=args.full)
-    print(f"report: {report}")
+    print(f"report: {run_demo(args.out, args.quick, args.seed, args.full, args.data, args.image_size, args.flip)}")
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    from usp.demo.init import init_recipes
+    from usp.recipe_tools.init import init_recipes, summary
 
-    scan, plan, files = init_recipes(args.data, args.out, image_size=args.image_size, flip=not args.no_flip)
-    print(scan.table())
-    print(f"\n{plan.image_size} px, latent space {plan.latent_space}, {plan.num_classes} classes; recipes:")
-    for path in files:
-        print(f"  {path}")
-    first = files[0].parent
-    steps = ([f"usp train-vae {first / 'vae.yaml'}"] if plan.small_vae else []) + [
-        f"usp cache-latents {first / 'pretrain.yaml'} --splits {scan.train_split} {scan.eval_split}",
-        f"usp pretrain {first / 'pretrain.yaml'}", f"usp finetune {first / 'dit_usp.yaml'}",
-        f"usp probe {first / 'probe.yaml'} --fast"]
-    print("next:\n" + "\n".join(f"  {line}" for line in steps))
+    print(summary(*init_recipes(args.data, args.out, image_size=args.image_size, flip=args.flip)))
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from usp.demo.listing import listing
+    from usp.recipe_tools.listing import listing
 
     print(listing(args.what))
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:
-    from usp.demo.fetch import fetch
+    from usp.recipe_tools.fetch import fetch
 
-    for line in fetch(args.recipes, args.cache, inception=not args.no_inception):
-        print(line)
+    print("\n".join(fetch(args.recipes, args.cache, inception=not args.no_inception)))
 
 
 def cmd_reference(args: argparse.Namespace) -> None:
@@ -205,223 +138,182 @@ def cmd_reference(args: argparse.Namespace) -> None:
 
 
 def cmd_compare_run(args: argparse.Namespace) -> None:
-    from usp.evaluate.compare import FD_TOL, LOSS_TOL, SKIP, compare, format_comparison, load_runs
+    from usp.evaluate.compare import compare_runs
 
-    run = load_runs(args.run)
-    if len(run) != 1:
-        raise ValueError(f"RUN must be one run (a folder with log.jsonl); {args.run} holds {len(run)}")
-    references = load_runs(args.reference)
-    loss_tol = LOSS_TOL if args.loss_tol is None else args.loss_tol
-    fd_tol = FD_TOL if args.fd_tol is None else args.fd_tol
-    skip = SKIP if args.skip is None else args.skip
-    result = compare(run[0], references, loss_tol=loss_tol, fd_tol=fd_tol, patience=args.patience, skip=skip)
-    print(format_comparison(result, run[0].name, [r.name for r in references], loss_tol, fd_tol, args.patience,
-                            skip))
-    if result.diverged:
+    text, diverged = compare_runs(args.run, args.reference, loss_tol=args.loss_tol, fd_tol=args.fd_tol,
+                                  patience=args.patience, skip=args.skip)
+    print(text)
+    if diverged:
         raise SystemExit(1)
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     from usp.evaluate.reconstruct import reconstruct_grid
-    from usp.models.transfer import resolve_checkpoint
+    from usp.run.weights import resolve_weights
 
-    path = reconstruct_grid(resolve_checkpoint(args.weights), args.out, num_images=args.num_images,
+    path = reconstruct_grid(resolve_weights(args.weights), args.out, num_images=args.num_images,
                             mask_ratio=args.mask_ratio, seed=args.seed, overrides=args.overrides)
     print(f"wrote {path}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from usp.export import export
+
+    out, notes = export(args.weights, args.to, args.out, license=args.license)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usp", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or USP_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
+    # Flags declared once, for the commands that share them: every command; a recipe; a weights file; an image tree.
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--dry-run", action="store_true",
+                        help="print what would run (a training command: its resolved recipe), then exit")
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("recipe", nargs="?", help="YAML recipe (configs/... or a shipped name); omitted = defaults")
+    recipe.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.blr=1e-4")
+    weights = argparse.ArgumentParser(add_help=False)
+    weights.add_argument("weights", help="weights_*.safetensors (or its run folder); a public DiT/SiT .pt with --model")
+    weights.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.root=... generation.cfg_scale=1.5")
+    tree = argparse.ArgumentParser(add_help=False)
+    tree.add_argument("--image-size", type=int, help="with a tree: the training resolution (default: the images')")
+    tree.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (digits, text)")
 
-    def recipe_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("recipe", nargs="?", help="YAML recipe (configs/...); omitted = built-in defaults")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.blr=1e-4")
+    examples: list[str] = []
+
+    def command(name: str, func, what: str, *example: str, parents=()):
+        examples.extend(example)
+        p = sub.add_parser(name, help=what, parents=[shared, *parents], formatter_class=argparse.RawTextHelpFormatter,
+                           description="examples:\n" + "\n".join(f"  {line}" for line in example))
+        p.set_defaults(func=func)
+        return p.add_argument
 
     for name in TRAIN_COMMANDS:
-        p = sub.add_parser(name, help=f"train: {name}", formatter_class=argparse.RawTextHelpFormatter,
-                           description=f"example: usp {name} configs/fmnist/{TRAIN_COMMANDS[name]}.yaml "
-                                       "train.max_steps=100")
-        recipe_args(p)
-        p.add_argument("--resume", default="auto",
-                       help="auto: continue from the latest checkpoint of the run folder (default); "
-                            "none: start fresh (refuses to overwrite); or a state_*.pt path")
-        p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+        arg = command(name, cmd_train, f"train: {name}", *TRAIN_EXAMPLES[name], parents=[recipe])
+        arg("--resume", default="auto", help="auto: continue from the run folder's latest checkpoint (default); "
+                                              "none: start fresh (refuses to overwrite); or a state_*.pt path")
         if name == "probe":
-            p.description += ("\n   or: usp probe runs/fmnist-dit-usp/checkpoints/weights_0001500.safetensors "
-                              "--blocks 2 4 --noise-levels 0.1 0.5   (a DiT/SiT backbone)")
-            p.add_argument("--fast", action="store_true",
-                           help="frozen features once + logistic regression and k-NN (NOT the paper's protocol)")
-            p.add_argument("--blocks", type=_positive_int, default=[2, 4], nargs="+",
-                           help="DiT/SiT checkpoint: probe the mean-pooled tokens after these blocks (from 1)")
-            p.add_argument("--noise-levels", type=_unit_float, default=[0.1, 0.5], nargs="+",
-                           help="DiT/SiT checkpoint: noise levels s in [0, 1] (0 = data, 1 = noise)")
-            p.add_argument("--model", help="DiT/SiT checkpoint without usp metadata: its registry name")
-            p.add_argument("--out", help="DiT/SiT checkpoint: also write the result JSON here")
-        p.set_defaults(func=cmd_train)
+            arg("--fast", action="store_true", help="frozen features + logistic regression and k-NN (NOT the paper's)")
 
-    p = sub.add_parser("cache-latents", help="encode a dataset once into a memory-mapped latent cache")
-    recipe_args(p)
-    p.add_argument("--out", help="cache folder (default: the recipe's latent.cache)")
-    p.add_argument("--splits", nargs="+", default=["train"], help="splits to encode (default: train)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the splits, then exit")
-    p.set_defaults(func=cmd_cache_latents)
+    arg = command("probe-backbone", cmd_probe_backbone, "frozen-feature probe of a DiT/SiT generator's blocks at "
+                  "noise levels", "usp probe-backbone runs/fmnist-dit-usp/checkpoints/weights_0001500.safetensors "
+                  "--blocks 2 4 --noise-levels 0.1 0.5", parents=[weights])
+    arg("--blocks", type=_positive_int, default=[2, 4], nargs="+", help="mean-pooled tokens after these blocks")
+    arg("--noise-levels", type=_unit_float, default=[0.1, 0.5], nargs="+", help="s in [0, 1] (0 = data, 1 = noise)")
+    arg("--model", help="a checkpoint without usp metadata: its registry name")
+    arg("--out", help="also write the result JSON here")
 
-    p = sub.add_parser("sample", help="class-conditional samples: PNG grid + ADM-format NPZ (torchrun-sharded)",
-                       description="example: usp sample runs/x/checkpoints/weights_0010000.safetensors "
-                                   "--num-samples 50000 generation.cfg_scale=1.5")
-    p.add_argument("weights", help="weights_*.safetensors of `usp finetune`, or a public DiT/SiT .pt with --model")
-    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. generation.cfg_scale=1.5 "
-                                               "generation.sample_steps=250; generation.preset=dit|repa; "
-                                               "generation.guidance_interval=[0,0.7] (noise level, 1 = noise)")
-    p.add_argument("--model", help="registry name for a public checkpoint without usp metadata, e.g. dit_xl_2")
-    p.add_argument("--out", help="output folder (default: <run>/samples_<N>)")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--balanced", action="store_true", help="labels i %% num_classes instead of random labels")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--grid", type=int, default=64, help="images in the PNG grid")
-    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
-    p.set_defaults(func=cmd_sample)
+    arg = command("cache-latents", cmd_cache_latents, "encode a dataset once into a memory-mapped latent cache",
+                  "usp cache-latents configs/fmnist/pretrain.yaml --splits train test", parents=[recipe])
+    arg("--out", help="cache folder (default: the recipe's latent.cache)")
+    arg("--splits", nargs="+", default=["train"], help="splits to encode (default: train)")
+    arg("--batch-size", type=int, default=64)
 
-    p = sub.add_parser("evaluate", help="FID, sFID, IS, precision, recall with ADM's definitions")
-    p.add_argument("ref", help="ADM reference batch (.npz with arr_0 and/or mu, sigma, mu_s, sigma_s)")
-    p.add_argument("samples", help="samples .npz (arr_0 uint8 N×H×W×3)")
-    p.add_argument("--out", help="write the metrics as JSON here")
-    p.add_argument("--inception-weights", help="local FID Inception weights (pt_inception-2015-12-05)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
-    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
-    p.set_defaults(func=cmd_evaluate)
+    arg = command("sample", cmd_sample, "class-conditional samples: PNG grid + ADM-format NPZ (torchrun-sharded)",
+                  "usp sample runs/fmnist-dit-usp/checkpoints/weights_0002000.safetensors --num-samples 1000 "
+                  "generation.cfg_scale=2   # or generation.preset=dit|repa",
+                  parents=[weights])
+    arg("--model", help="registry name for a public checkpoint without usp metadata, e.g. dit_xl_2")
+    arg("--out", help="output folder (default: <run>/samples_<N>)")
+    arg("--num-samples", type=int, default=64)
+    arg("--seed", type=int, default=0)
+    arg("--balanced", action="store_true", help="labels i %% num_classes instead of random labels")
+    arg("--batch-size", type=int, default=64)
+    arg("--grid", type=int, default=64, help="images in the PNG grid")
 
-    p = sub.add_parser("demo", help="the whole method on Fashion-MNIST (or --data DIR) on one CPU, with a report",
-                       description="example: usp demo --out demo_out   (resumable: finished stages are skipped)\n"
-                                   "         usp demo --data my_images --quick --out my_demo")
-    p.add_argument("--out", default="demo_out", help="output folder (report.md, PNGs, runs)")
-    p.add_argument("--data", help="your ImageFolder tree DIR/{train,val}/<class>/<image> instead of Fashion-MNIST")
-    p.add_argument("--image-size", type=int, help="with --data: the training resolution (default: the images')")
-    p.add_argument("--no-flip", action="store_true", help="with --data: no horizontal flips (digits, text)")
-    p.add_argument("--quick", action="store_true", help="tiny budgets: checks the whole pipeline in minutes")
-    p.add_argument("--full", action="store_true",
-                   help="the reproduction (about an hour on 2 CPU cores): longer pretraining, DiT and SiT from USP "
-                        "and from scratch, 1 000 steps, two seeds, steps-to-reach table")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
-    p.set_defaults(func=cmd_demo)
+    arg = command("evaluate", cmd_evaluate, "FID, sFID, IS, precision, recall with ADM's definitions",
+                  "usp evaluate VIRTUAL_imagenet256_labeled.npz samples_50000.npz --out metrics.json")
+    arg("ref", help="ADM reference batch (.npz with arr_0 and/or mu, sigma, mu_s, sigma_s)")
+    arg("samples", help="samples .npz (arr_0 uint8 N×H×W×3)")
+    arg("--out", help="write the metrics as JSON here")
+    arg("--inception-weights", help="local FID Inception weights (pt_inception-2015-12-05)")
+    arg("--batch-size", type=int, default=50)
+    arg("--device", help="default: cuda when there is one, else cpu")
 
-    p = sub.add_parser("init", help="scan an ImageFolder tree and write a recipe set for it",
-                       description="example: usp init --data my_images --out my_usp")
-    p.add_argument("--data", required=True, help="DIR/{train,val}/<class>/<image> (ImageNet layout)")
-    p.add_argument("--out", help="folder for recipes/ and runs (default: usp_<data folder name>)")
-    p.add_argument("--image-size", type=int, help="training resolution (default: the images' common short side)")
-    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (digits, text must not be mirrored)")
-    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
-    p.set_defaults(func=cmd_init)
+    arg = command("demo", cmd_demo, "the whole method on Fashion-MNIST (or --data DIR) on one CPU, with a report",
+                  "usp demo --out demo_out   # resumable: finished stages are skipped",
+                  "usp demo --data my_images --quick --out my_demo    # the whole pipeline and report on my_images",
+                  parents=[tree])
+    arg("--out", default="demo_out", help="output folder (report.md, PNGs, runs)")
+    arg("--data", help="your ImageFolder tree DIR/{train,val}/<class>/<image> instead of Fashion-MNIST")
+    arg("--quick", action="store_true", help="tiny budgets: checks the whole pipeline in minutes")
+    arg("--full", action="store_true", help="the reproduction (about an hour on 2 CPU cores): DiT and SiT, 1 000 steps")
+    arg("--seed", type=int, default=0)
 
-    p = sub.add_parser("list", help="models, latent spaces and shipped recipes, one line each",
-                       description="example: usp list recipes")
-    p.add_argument("what", nargs="?", choices=("models", "latent-spaces", "recipes", "all"), default="all")
-    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
-    p.set_defaults(func=cmd_list)
+    arg = command("init", cmd_init, "scan an ImageFolder tree and write a recipe set for it",
+                  "usp init --data my_images --out my_usp   # scan my_images/{train,val}/<class>/, write recipes",
+                  parents=[tree])
+    arg("--data", required=True, help="DIR/{train,val}/<class>/<image> (ImageNet layout)")
+    arg("--out", help="folder for recipes/ and runs (default: usp_<data folder name>)")
 
-    p = sub.add_parser("reference", help="an ADM-format reference batch (ADM centre crop) from an image folder",
-                       description="example: usp reference my_images/val --out ref.npz --image-size 32")
-    p.add_argument("folder", help="a folder of images, searched recursively")
-    p.add_argument("--out", required=True, help="the .npz to write (arr_0 uint8 N×H×W×3)")
-    p.add_argument("--image-size", type=int, default=256, help="side of the ADM centre crop (default 256)")
-    p.add_argument("--num", type=int, help="a random subset of this many images (default: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
-    p.set_defaults(func=cmd_reference)
+    arg = command("list", cmd_list, "models, latent spaces and shipped recipes, one line each", "usp list recipes")
+    arg("what", nargs="?", choices=("models", "latent-spaces", "recipes", "all"), default="all")
 
-    p = sub.add_parser("fetch", help="download the hub assets of recipes (VAE, Inception) for an offline machine",
-                       description="example: usp fetch pretrain/vit_b_2_sdvae_224 --cache /shared/usp_assets")
-    p.add_argument("recipes", nargs="+", help="recipes (paths or shipped names) whose assets to download")
-    p.add_argument("--cache", required=True, help="one folder for everything (copy it to the offline machine)")
-    p.add_argument("--no-inception", action="store_true", help="skip the FID Inception weights")
-    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
-    p.set_defaults(func=cmd_fetch)
+    arg = command("reference", cmd_reference, "an ADM-format reference batch (ADM centre crop) from an image folder",
+                  "usp reference my_images/val --out ref.npz --image-size 32")
+    arg("folder", help="a folder of images, searched recursively")
+    arg("--out", required=True, help="the .npz to write (arr_0 uint8 N×H×W×3)")
+    arg("--image-size", type=int, default=256, help="side of the ADM centre crop (default 256)")
+    arg("--num", type=int, help="a random subset of this many images (default: all)")
+    arg("--seed", type=int, default=0)
 
-    p = sub.add_parser("compare-run", help="a run against a reference: loss, lr, FD side by side; where it diverges",
-                       formatter_class=argparse.RawTextHelpFormatter,
-                       description="example: usp compare-run demo_out/runs/fmnist-sit-usp docs/demo/reference/sit_usp\n"
-                                   "exit status: 0 within the reference's band, 1 when the run leaves it")
-    p.add_argument("run", help="a run folder (holding log.jsonl) or its log.jsonl")
-    p.add_argument("reference", help="a run folder, a log.jsonl, or a folder of run folders (several seeds: "
-                                     "their envelope is the band)")
-    p.add_argument("--loss-tol", type=_fraction, help="relative loss tolerance around the band "
-                                                      "(default: usp.evaluate.compare.LOSS_TOL, 0.05)")
-    p.add_argument("--fd-tol", type=_fraction, help="relative FD tolerance, on top of 2 × the bootstrap "
-                                                    "error (default: usp.evaluate.compare.FD_TOL, 0.10)")
-    p.add_argument("--patience", type=_positive_int, default=2, help="consecutive logged steps outside the band that "
-                                                           "count as leaving it (default 2)")
-    p.add_argument("--skip", type=_fraction, help="fraction of the matching steps shown but not judged: the "
-                                                  "initial transient, where seeds differ by their random init "
-                                                  "(default: usp.evaluate.compare.SKIP, 0.2)")
-    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
-    p.set_defaults(func=cmd_compare_run)
+    arg = command("fetch", cmd_fetch, "download the hub assets of recipes (VAE, Inception) for an offline machine",
+                  "usp fetch pretrain/vit_b_2_sdvae_224 --cache usp_assets   # with network, for offline jobs")
+    arg("recipes", nargs="+", help="recipes (paths or shipped names) whose assets to download")
+    arg("--cache", required=True, help="one folder for everything (copy it to the offline machine)")
+    arg("--no-inception", action="store_true", help="skip the FID Inception weights")
 
-    p = sub.add_parser("reconstruct", help="the restoration figure: original | masked | reconstruction")
-    p.add_argument("weights", help="weights_*.safetensors of a pretraining run")
-    p.add_argument("overrides", nargs="*", help="recipe overrides for the data, e.g. data.root=...")
-    p.add_argument("--out", default="reconstruction.png")
-    p.add_argument("--num-images", type=int, default=8)
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
-    p.set_defaults(func=cmd_reconstruct)
+    arg = command("compare-run", cmd_compare_run, "a run against a reference: loss, lr, FD side by side; where it "
+                  "diverges", "usp compare-run demo_out/runs/fmnist-sit-usp docs/demo/reference/sit_usp   # exit "
+                  "status 1 when the run leaves the reference's band")
+    arg("run", help="a run folder (holding log.jsonl) or its log.jsonl")
+    arg("reference", help="a run folder, a log.jsonl, or a folder of run folders (several seeds: their envelope)")
+    arg("--loss-tol", type=_fraction, help="relative loss tolerance around the band (default 0.05)")
+    arg("--fd-tol", type=_fraction, help="relative FD tolerance, on top of 2 × the bootstrap error (default 0.10)")
+    arg("--patience", type=_positive_int, default=2, help="logged steps in a row outside the band that leave it")
+    arg("--skip", type=_fraction, help="fraction of the steps shown, not judged: the initial transient (default 0.2)")
+
+    arg = command("reconstruct", cmd_reconstruct, "the restoration figure: original | masked | reconstruction",
+                  "usp reconstruct runs/fmnist-pretrain/checkpoints/weights_0000200.safetensors --out restore.png",
+                  parents=[weights])
+    arg("--out", default="reconstruction.png")
+    arg("--num-images", type=int, default=8)
+    arg("--mask-ratio", type=float, default=0.75)
+    arg("--seed", type=int, default=0)
+
+    arg = command("export", cmd_export, "weights -> a diffusers, timm or Hub folder (with a model card); no upload",
+                  "usp export runs/fmnist-sit-usp --to hub sit_hub   # diffusers / timm folder + README.md model card")
+    arg("weights", help="weights_*.safetensors of a usp run, or its run folder (the latest)")
+    arg("--to", required=True, choices=("diffusers", "timm", "hub"),
+        help="diffusers: DiT -> DiTPipeline folder, SiT -> transformer + scheduler; timm: a USP encoder (pretrain, "
+             "probe, classify) -> VisionTransformer; hub: either, plus the usp weights, recipe and model card")
+    arg("out", help="the new folder to write")
+    arg("--license", default="other", help="the model card's license metadata (default: other)")
+    parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
     return parser
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
+def _checked(kind, test, message: str):
+    def parse(text: str):
+        value = kind(text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{message}, got {text}")
+        return value
+    return parse
 
 
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Take the `section.key=value` overrides out of argv wherever they stand, so options and overrides mix in
-    any order: argparse would give `--splits train val a.b=1` the override as a split, and refuses positionals
-    after `--resume X`. An override names a dotted key, which no option value or path of usp looks like."""
-    rest, overrides = [], []
-    for i, token in enumerate(argv):
-        if token == "--":
-            return rest + argv[i:], overrides
-        (overrides if _OVERRIDE.match(token) else rest).append(token)
-    return rest, overrides
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1] (0 = data, 1 = noise), got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), e.g. 0.05 for 5 %; got {text}")
-    return value
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+_positive_int = _checked(int, lambda v: v >= 1, "must be an integer >= 1")
+_unit_float = _checked(float, lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1] (0 = data, 1 = noise)")
+_fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "must be a fraction in [0, 1), e.g. 0.05 for 5 %")
 
 
 def main(argv: list[str] | None = None) -> None:
     # Before torch loads its thread pools: on a CPU shared with other processes, spinning OpenMP/OpenBLAS
     # waiters steal the cores the working threads need (2-4x slower steps measured here). Explicit settings win.
-    import os
-
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     parser = build_parser()
@@ -432,10 +324,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"`usp {args.command}` takes no key=value overrides, got {' '.join(overrides)}")
         args.overrides = [*args.overrides, *overrides]
     try:
-        if getattr(args, "dry_run", False) and args.func is not cmd_train:
-            dry_run(args)
-        else:
-            args.func(args)
+        (dry_run if args.dry_run else args.func)(args)
     except (ValueError, FileNotFoundError, FileExistsError, RunError) as err:
         if args.debug or os.environ.get("USP_DEBUG") == "1":
             raise

@@ -3,7 +3,9 @@
 An unknown key or a value of the wrong type is a `ValueError` that names the key and what is
 allowed; invariants are checked once in `Config.validate`. Every run writes its resolved recipe.
 sections.py holds the dataclasses (one per YAML section) and the presets; loading.py the files, `base:`
-inheritance, overrides and path resolution. Layer 0: imports nothing else of usp.
+inheritance, overrides and path resolution.
+
+May import: nothing else of usp (layer 0: every package reads recipes).
 """
 
 from usp.config.loading import (
@@ -17,9 +19,11 @@ from usp.config.loading import (
     recipes_dir,
     resolve_paths,
     save_config,
+    split_overrides,
 )
 from usp.config.sections import (
     GENERATION_PRESETS,
+    SAMPLERS,
     TASKS,
     ClassifyConfig,
     Config,
@@ -31,7 +35,7 @@ from usp.config.sections import (
     PretrainConfig,
     RepaConfig,
     RunConfig,
-    Task,
+    TaskName,
     TrainConfig,
     VaeConfig,
     apply_generation_preset,
@@ -48,7 +52,8 @@ __all__ = [
     "read_recipe",
     "load_config",
     "save_config",
-    "Task",
+    "split_overrides",
+    "TaskName",
     "TASKS",
     "RunConfig",
     "LatentConfig",
@@ -57,6 +62,7 @@ __all__ = [
     "PretrainConfig",
     "GenerationConfig",
     "GENERATION_PRESETS",
+    "SAMPLERS",
     "apply_generation_preset",
     "VaeConfig",
     "OptimConfig",

@@ -4,6 +4,7 @@ validated `Config`; paths in a recipe resolve against the recipe's folder; the s
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -87,6 +88,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take the `section.key=value` overrides out of a command line wherever they stand -> (the rest, overrides),
+    so options and overrides mix in any order: argparse would give `--splits train val a.b=1` the override as a
+    split, and refuses positionals after `--resume X`. An override names a dotted key, which no option value or
+    path of usp looks like; everything after `--` is left as it is."""
+    rest, overrides = [], []
+    for i, token in enumerate(argv):
+        if token == "--":
+            return rest + argv[i:], overrides
+        (overrides if _OVERRIDE.match(token) else rest).append(token)
+    return rest, overrides
+
+
 def apply_overrides(values: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Set each dotted `key=value` in the nested dict `values` (in place; returned for chaining)."""
     for text in overrides:
@@ -134,13 +151,21 @@ def find_recipe(name: str | Path) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    shipped = _shipped(path)
+    if shipped is not None:
+        return shipped
+    raise FileNotFoundError(f"recipe {name} not found, neither as a file nor among the shipped recipes in "
+                            f"{recipes_dir()}; `usp list recipes` names them (e.g. fmnist/pretrain)")
+
+
+def _shipped(path: Path) -> Path | None:
+    """The shipped recipe `path` names (`fmnist/pretrain`, with or without .yaml or configs/), else None."""
     relative = path.as_posix().removeprefix("configs/")
     for candidate in (relative, relative + ".yaml"):
         shipped = recipes_dir() / candidate
         if not path.is_absolute() and shipped.is_file():
             return shipped
-    raise FileNotFoundError(f"recipe {name} not found, neither as a file nor among the shipped recipes in "
-                            f"{recipes_dir()}; `usp list recipes` names them (e.g. fmnist/pretrain)")
+    return None
 
 
 # Recipe keys that hold paths: with run.root set they resolve against it (so a run works from any directory).
@@ -176,7 +201,8 @@ def resolve_paths(values: dict[str, Any], recipe: Path) -> dict[str, Any]:
 
 
 def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A recipe file as a nested dict, with `base: other.yaml` (relative to the file) resolved and merged under it."""
+    """A recipe file as a nested dict, with `base: other.yaml` (relative to the file, else a shipped recipe's name)
+    resolved and merged under it."""
     path = Path(path)
     if not path.is_file():
         path = find_recipe(path)
@@ -187,7 +213,9 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     base = values.pop("base", None)
     if base is None:
         return values
-    base_path = (path.parent / base).resolve()
+    # A file beside this one first, else a shipped recipe by name (`base: fmnist/pretrain`, what `usp init` writes).
+    beside = path.parent / base
+    base_path = (beside if beside.is_file() else _shipped(Path(base)) or beside).resolve()
     if base_path in _seen:
         raise ValueError(f"recipe {path}: `base: {base}` makes a cycle ({' -> '.join(map(str, _seen))})")
     return _merge(read_recipe(base_path, (*_seen, base_path)), values)

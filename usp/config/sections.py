@@ -11,13 +11,13 @@ from typing import Any, Literal
 
 import yaml
 
-Task = Literal["pretrain", "finetune", "probe", "classify", "vae"]
-TASKS: tuple[str, ...] = typing.get_args(Task)
+TaskName = Literal["pretrain", "finetune", "probe", "classify", "vae"]
+TASKS: tuple[str, ...] = typing.get_args(TaskName)
 
 
 @dataclass
 class RunConfig:
-    task: Task = "pretrain"
+    task: TaskName = "pretrain"
     name: str = "run"
     out_dir: str = "runs"  # the run directory is out_dir/name
     root: str | None = None  # relative paths of the recipe resolve here (relative to the recipe file); None: cwd
@@ -68,6 +68,20 @@ class ModelConfig:
     # Seed of the initial weights (None: run.seed). Varying it alone, with data order, diffusion noise and sample
     # seeds held by run.seed, measures how much a result moves by the random init only (the demo's paired band).
     init_seed: int | None = None
+    # LightningDiT's block options, for lightningdit_* and the vit_*_lightning encoder (wo_shift: lightningdit_*
+    # only); null = the registry's, i.e. the released VA-VAE models' (SwiGLU, RoPE, RMSNorm on; qk-norm, wo_shift off).
+    use_swiglu: bool | None = None
+    use_rope: bool | None = None
+    use_rmsnorm: bool | None = None
+    use_qknorm: bool | None = None
+    wo_shift: bool | None = None
+
+    def block_options(self) -> dict[str, bool]:
+        """The LightningDiT options this recipe sets (the others keep the registry's defaults)."""
+        return {k: getattr(self, k) for k in LIGHTNING_OPTION_KEYS if getattr(self, k) is not None}
+
+
+LIGHTNING_OPTION_KEYS = ("use_swiglu", "use_rope", "use_rmsnorm", "use_qknorm", "wo_shift")
 
 
 @dataclass
@@ -88,7 +102,7 @@ class GenerationConfig:
     train_eps: float | None = None
     sample_eps: float | None = None
     sampler: Literal["ddpm", "ddim", "ode", "sde"] = "ddpm"  # ddpm | ddim (method ddpm); ode | sde (transport)
-    sample_steps: str = "250"  # ddpm/ddim respacing ("250", "ddim50"); ode: "dopri5" or a step count for euler/heun
+    sample_steps: str = "250"  # ddpm/ddim respacing ("250", "ddim50"); ode: Euler/Heun steps (dopri5: ignored)
     ode_method: Literal["dopri5", "euler", "heun"] = "dopri5"
     cfg_scale: float = 4.0
     guided_channels: int | None = 3  # public DiT guides the first 3 channels; None = all channels
@@ -102,12 +116,25 @@ class GenerationConfig:
     domain_reference: str | None = None  # the real images of that FD: an ADM-format NPZ (arr_0 uint8 N×H×W×3)
     # Guidance interval (Kynkäänniemi et al., NeurIPS 2024): CFG only where the noise level t_noise ∈ [low, high],
     # t_noise 1 = pure noise, 0 = data, both ends included (REPA); elsewhere the model runs conditional only.
-    # null = guide at every step. Mapped per sampler by usp.sample.guided.noise_level (docs/conventions.md).
+    # null = guide at every step. Mapped by the objective's noise_level (usp.diffusion.objective, docs/conventions.md).
     guidance_interval: tuple[float, float] | None = None
     # A published sampling setting (GENERATION_PRESETS); it fills the generation keys that the recipe file or the
     # override list naming it does not set (see apply_generation_preset).
-    preset: Literal["none", "dit", "repa"] = "none"
+    preset: Literal["none", "dit", "repa", "lightningdit"] = "none"
+    # The time the network is trained and sampled in (usp.diffusion.time): sit (t = 0 noise, 1 data; usp's own) or
+    # repa (t = 0 data, 1 noise, velocity sign flipped: REPA's checkpoints). A property of the weights, so no
+    # sampling preset sets it. Transport only.
+    time: Literal["sit", "repa"] = "sit"
+    # LightningDiT's transport options (usp.diffusion.lightning), for any transport model: training times uniform
+    # (SiT) or logit-normal, t = sigmoid(N(0, 1)) (LightningDiT use_lognorm); the cosine velocity loss added to the
+    # MSE (use_cosine_loss; both are logged); the ODE grid shifted t -> s·t / (1 + (s − 1)·t) for s > 0 (0 = none).
+    t_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    cosine_loss: bool = False
+    timestep_shift: float = 0.0
 
+
+# The samplers of each generation.method (usp.diffusion's objectives implement them; a test keeps the two equal).
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim"), "transport": ("ode", "sde")}
 
 # What each `generation.preset` sets. dit: DiT's FID-50K setting (Peebles & Xie 2023, Table 4 / sample_ddp.py:
 # 250 DDPM steps, cfg 1.5 on 3 of 4 latent channels). repa: REPA's (Yu et al. 2025, README / generate.py: SDE
@@ -118,6 +145,12 @@ GENERATION_PRESETS: dict[str, dict[str, Any]] = {
             "guidance_interval": None},
     "repa": {"sampler": "sde", "sample_steps": "250", "cfg_scale": 1.8, "guided_channels": None,
              "guidance_interval": [0.0, 0.7]},
+    # lightningdit: LightningDiT's 64-epoch VA-VAE sampler (configs/reproductions/lightningdit_xl_vavae_f16d32_64ep_cfg
+    # .yaml, FID 2.11 at cfg 10): ODE Euler, num_sampling_steps 250 = 250 grid points = 249 steps (usp counts steps),
+    # timestep_shift 0.3, cfg 10 on channels 0–2 (forward_with_cfg's `eps[:, :3]`), cfg_interval_start 0.10: guided
+    # iff SiT t ≥ 0.10, i.e. noise level ≤ 0.9. (Its 800-epoch setting: cfg 6.7; config_details.yaml: start 0.11.)
+    "lightningdit": {"sampler": "ode", "ode_method": "euler", "sample_steps": "249", "timestep_shift": 0.3,
+                     "cfg_scale": 10.0, "guided_channels": 3, "guidance_interval": [0.0, 0.9]},
 }
 
 
@@ -226,12 +259,26 @@ class Config:
     repa: RepaConfig = field(default_factory=RepaConfig)
 
     def validate(self) -> Config:
-        samplers = ("ddpm", "ddim") if self.generation.method == "ddpm" else ("ode", "sde")
+        samplers = SAMPLERS[self.generation.method]
         if self.generation.preset != "none" and self.generation.sampler not in samplers:
             raise ValueError(f"generation.preset={self.generation.preset} samples with "
                              f"{self.generation.sampler}, which a generation.method={self.generation.method} model "
                              f"cannot use ({', '.join(samplers)}): choose the other preset, or preset none")
         _choice("generation.sampler", self.generation.sampler, samplers)
+        gen = self.generation
+        lightning_keys = {"t_sampling": gen.t_sampling != "uniform", "cosine_loss": gen.cosine_loss,
+                          "timestep_shift": gen.timestep_shift != 0.0}
+        if gen.method != "transport" and any(lightning_keys.values()):
+            raise ValueError(f"generation.{', generation.'.join(k for k, v in lightning_keys.items() if v)} "
+                             "applies to transport training/sampling; generation.method=ddpm: remove it")
+        if gen.timestep_shift < 0:
+            raise ValueError(f"generation.timestep_shift must be > 0 (0 = no shift), got {gen.timestep_shift}")
+        if self.generation.cosine_loss and self.generation.prediction != "velocity":
+            raise ValueError("generation.cosine_loss compares velocities (LightningDiT): it needs "
+                             "generation.prediction=velocity")
+        if self.generation.time != "sit" and self.generation.method != "transport":
+            raise ValueError(f"generation.time={self.generation.time} is a transport time convention; "
+                             "generation.method=ddpm counts DDPM steps: remove generation.time")
         interval = self.generation.guidance_interval
         if interval is not None and not 0.0 <= interval[0] <= interval[1] <= 1.0:
             raise ValueError(f"generation.guidance_interval must be [low, high] with 0 <= low <= high <= 1 (noise "
@@ -269,6 +316,13 @@ class Config:
         if self.repa.enabled and self.repa.features == "cache" and not self.latent.cache:
             raise ValueError("repa.features=cache needs latent.cache (the tokens live beside the latents); set "
                              "repa.features=online to run the teacher on the training images")
+        options = self.model.block_options()
+        lightning = self.model.name.startswith("lightningdit_") or self.model.name.endswith("_lightning")
+        if options and not lightning:
+            raise ValueError(f"model.{', model.'.join(options)} applies to LightningDiT's blocks (lightningdit_*, "
+                             f"vit_*_lightning), not to model.name={self.model.name}; remove it or choose such a model")
+        if "wo_shift" in options and not self.model.name.startswith("lightningdit_"):
+            raise ValueError("model.wo_shift removes adaLN shifts, which only lightningdit_* has; remove it")
         if self.train.keep_last < 1:
             raise ValueError("train.keep_last must be at least 1 (the last good checkpoint is never deleted)")
         return self

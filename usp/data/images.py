@@ -129,6 +129,17 @@ class FashionMNISTDataset(Dataset):
         return {"image": self.transform(image) if self.transform else image, "label": int(self.labels[index])}
 
 
+def read_exclude(path: str | os.PathLike | None) -> set[Path]:
+    """The resolved paths listed in a `data.exclude` file (text after `#` is a comment)."""
+    if path is None:
+        return set()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.exclude list {path} not found; rerun `usp init` or set data.exclude=null")
+    entries = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return {Path(entry).resolve() for entry in entries if entry}
+
+
 def build_image_dataset(source: str, root: str | None, split: str, transform=None,
                         limit: int | None = None, download: bool = False, exclude: str | None = None) -> Dataset:
     """`exclude`: a list file of images to leave out (data.exclude, written by `usp init`); folders only."""
@@ -136,8 +147,6 @@ def build_image_dataset(source: str, root: str | None, split: str, transform=Non
         return FashionMNISTDataset(root, split, transform, limit, download)
     if root is None:
         raise ValueError("data.root is not set; point it at an ImageNet-layout folder (root/<split>/<class>/*.jpg)")
-    from usp.data.scan import read_exclude
-
     return ImageFolderDataset(Path(root) / split, transform, limit, read_exclude(exclude))
 
 

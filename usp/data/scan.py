@@ -157,13 +157,3 @@ def scan_image_folder(root: str | os.PathLike) -> ScanReport:
         raise ValueError(f"{root}/{report.train_split} holds no readable images; see the bad files:\n{report.table()}")
     return report
 
-
-def read_exclude(path: str | os.PathLike | None) -> set[Path]:
-    """The resolved paths listed in a `data.exclude` file (text after `#` is a comment)."""
-    if path is None:
-        return set()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.exclude list {path} not found; rerun `usp init` or set data.exclude=null")
-    entries = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
-    return {Path(entry).resolve() for entry in entries if entry}

@@ -10,16 +10,15 @@ left out and listed). The stages are the `Demo` class's; only where the data com
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from usp.config import Config, load_config
-from usp.demo.init import init_recipes
-from usp.demo.pipeline import Demo, arms
+from usp.demo.pipeline import Demo
+from usp.demo.report import ReportData
+from usp.recipe_tools.init import init_recipes
 
 # (full, quick) budgets. Steps, not epochs: the stages cost the same on 300 or 30 000 images, and the quick run
 # only checks the plumbing. Full: the Fashion-MNIST demo's step counts.
@@ -42,9 +41,14 @@ class OwnDataDemo(Demo):
     def __init__(self, data: str | Path, out: Path, quick: bool, seed: int, image_size: int | None = None,
                  flip: bool = True):
         super().__init__(out, quick, seed)
-        self.scan, self.data_plan, _ = init_recipes(data, out, image_size=image_size, flip=flip)
+        self.scan, self.choices, _ = init_recipes(data, out, image_size=image_size, flip=flip)
         print(self.scan.table(), flush=True)
         self.recipes = out / "recipes"
+        self.reference_text = f"the {self.scan.splits[self.scan.eval_split].images} images of the evaluation split"
+        (out / "scan.json").write_text(json.dumps({
+            "root": str(self.scan.root), "classes": self.scan.classes, "empty_classes": self.scan.empty_classes,
+            "bad_files": [[str(p), why] for p, why in self.scan.bad_files],
+            "splits": {s.name: s.classes for s in self.scan.splits.values()}}, indent=1))
         self._arrays: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def budget(self, key: str) -> int | None:
@@ -58,26 +62,17 @@ class OwnDataDemo(Demo):
     @property
     def vae_dir(self) -> Path:
         # Below 128 px the demo trains the small VAE into OUT/vae; from 128 px the recipes' SD-VAE is used as is.
-        return self.out / "vae" if self.data_plan.small_vae else Path(self.recipe("pretrain").latent.path)
+        return self.out / "vae" if self.choices.small_vae else Path(self.recipe("pretrain").latent.path)
 
     def latent_overrides(self) -> list[str]:
         return []  # the recipes of `usp init` name the VAE and the cache already
 
     def cache(self) -> dict:
-        from usp.data.images import build_image_dataset, build_transform
-        from usp.latent.cache import build_cache
-        from usp.latent.vae import LatentSpace
+        from usp.latent.cache import cache_recipe
 
         config = self.recipe("pretrain")
-        dc = config.data
-        latent = LatentSpace.load(config.latent.space, config.latent.path)
-        transform = build_transform(dc.image_size, "adm_center", hflip=False, normalize=dc.normalize)
-        counts = {}
-        for key, split in (("train", dc.split), ("test", dc.eval_split)):
-            dataset = build_image_dataset("folder", dc.root, split, transform, exclude=dc.exclude)
-            build_cache(dataset, latent, dc.image_size, config.latent.cache, split, batch_size=250, progress=False)
-            counts[key] = len(dataset)
-        return counts
+        made = cache_recipe(config, [config.data.split, config.data.eval_split], batch_size=250, progress=False)
+        return {"train": made[config.data.split]["images"], "test": made[config.data.eval_split]["images"]}
 
     def images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """All usable images of a split as float (N, 3, 32, 32) in [-1, 1] and their labels (N,): the inputs of
@@ -94,10 +89,13 @@ class OwnDataDemo(Demo):
         return self._arrays[split]
 
     def domain(self) -> dict:
+        from usp.evaluate.domain import train_domain_cnn
+
         x, y = self.images(self.scan.train_split)
         test_x, test_y = self.images(self.scan.eval_split)
-        accuracy = train_domain_cnn(x, y, test_x, test_y, self.data_plan.num_classes, self.out / "domain.safetensors",
-                                    steps=self.budget("domain_steps"), seed=self.seed)
+        _, accuracy = train_domain_cnn(x, y, test_x, test_y, self.out / "domain.safetensors",
+                                       self.budget("domain_steps"), num_classes=self.choices.num_classes,
+                                       seed=self.seed, batch_size=64)
         return {"test_accuracy": accuracy}
 
     @property
@@ -105,7 +103,7 @@ class OwnDataDemo(Demo):
         """The real side of the domain FD: the evaluation split, ADM centre crop at the training size (written once)."""
         path = self.out / "domain_reference.npz"
         if not path.exists():
-            from usp.data.scan import read_exclude
+            from usp.data.images import read_exclude
             from usp.evaluate.reference import reference_batch_from_folder
 
             dc = self.recipe("pretrain").data
@@ -123,82 +121,21 @@ class OwnDataDemo(Demo):
         return {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start,
                 "protocol": fast_protocol(features, len(x), None)}
 
-    def run(self) -> Path:
-        from usp.demo.report import write_report
+    def check_data(self) -> None:
+        """Nothing left to check: the scan in __init__ read the whole tree."""
 
-        if self.data_plan.small_vae:
-            results = {"vae": self.stage("vae", self.vae)}
-        else:
-            results = {"vae": {"psnr_test": math.nan, "scale": None, "steps": 0, "seconds": 0.0}}
-        results["cache"] = self.stage("cache", self.cache)
-        results["domain"] = self.stage("domain", self.domain)
-        results["pretrain"] = self.stage("pretrain", self.pretrain)
-        weights = results["pretrain"]["weights"]
-        for arm in arms(self.plan, self.seed):  # the demo's arms: SiT from USP, from scratch at two seeds
-            results[arm.key] = self.stage(arm.key, lambda arm=arm: self.generate(arm, weights))
-        results["probe"] = self.stage("probe", lambda: self.probe(weights))
-        report = write_report(self.out, results, mode="quick" if self.quick else "default", seed=self.seed)
-        return self.retitle(report)
+    @property
+    def trains_vae(self) -> bool:
+        return self.choices.small_vae
 
-    def retitle(self, report: Path) -> Path:
-        """The shared report speaks of Fashion-MNIST: name the user's data, and put the scan summary first."""
-        name = self.scan.root.resolve().name
-        text = report.read_text().replace("Fashion-MNIST", name).replace("`configs/fmnist/*.yaml`",
-                                                                         f"`{self.recipes}/*.yaml` (`usp init`)")
-        # The shared report assumes Fashion-MNIST's 10 classes for chance-level class agreement.
-        text = text.replace("(chance 0.10)", f"(chance {1 / self.data_plan.num_classes:.2f})")
-        if not self.data_plan.small_vae:
-            text = text.replace("| small VAE (f4, 8 ch) | 0.0 | test PSNR nan dB |",
-                                f"| VAE | 0 | {self.data_plan.latent_space}, pretrained (not trained here) |")
-        title, _, rest = text.partition("\n")
-        plan = self.data_plan
-        summary = ["", "## Data (`usp init` scan)", "", "```", self.scan.table(), "```", "",
-                   f"{plan.image_size} px, latent space {plan.latent_space}, {plan.num_classes} classes; "
-                   f"recipes in `{self.recipes}`."]
-        report.write_text("\n".join([title, *summary, rest]))
-        (self.out / "scan.json").write_text(json.dumps({
-            "root": str(self.scan.root), "classes": self.scan.classes, "empty_classes": self.scan.empty_classes,
-            "bad_files": [[str(p), why] for p, why in self.scan.bad_files],
-            "splits": {s.name: s.classes for s in self.scan.splits.values()}}, indent=1))
-        return report
-
-
-def train_domain_cnn(x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int,
-                     out_path: Path, steps: int, seed: int = 0, batch_size: int = 64, lr: float = 2e-3) -> float:
-    """Train `DomainCNN` on (N, 3, 32, 32) images in [-1, 1] with labels (N,) for `steps` Adam steps (one-cycle lr),
-    save it with `num_classes` in its metadata (what `DomainEvaluator.load` builds) -> accuracy on the test images."""
-    from safetensors.torch import save_file
-
-    from usp.evaluate.domain import FEATURE_DIM, DomainCNN
-
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model = DomainCNN(num_classes=num_classes)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = float((model(test_x).argmax(1) == test_y).float().mean())
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_path),
-              metadata={"test_accuracy": f"{accuracy:.6f}", "steps": str(steps), "seed": str(seed),
-                        "dataset": "folder", "feature_dim": str(FEATURE_DIM), "num_classes": str(num_classes),
-                        "train_images": str(len(x))})
-    return accuracy
-
-
-def run_own_data_demo(data: str | Path, out: str | Path = "demo_out", quick: bool = False, seed: int = 0,
-                      image_size: int | None = None, flip: bool = True) -> Path:
-    """`usp demo --data DIR`: scan and recipes (as `usp init`), the demo's stages, report.md under `out`."""
-    return OwnDataDemo(data, Path(out), quick, seed, image_size, flip).run()
-
-
-__all__ = ["OwnDataDemo", "run_own_data_demo", "train_domain_cnn"]
+    def report_data(self) -> ReportData:
+        """What the report says of this data: its name, recipes and classes, the scan summary first."""
+        c, evaluation = self.choices, self.scan.eval_split
+        return ReportData(
+            name=self.scan.root.resolve().name, recipes=f"`{self.recipes}/*.yaml` (`usp init`)",
+            num_classes=c.num_classes,
+            test_images=f"all {self.scan.splits[evaluation].images} images of the {evaluation} split",
+            vae=None if c.small_vae else f"{c.latent_space}, pretrained (not trained here)",
+            preface=("", "## Data (`usp init` scan)", "", "```", self.scan.table(), "```", "",
+                     f"{c.image_size} px, latent space {c.latent_space}, {c.num_classes} classes; "
+                     f"recipes in `{self.recipes}`."))

@@ -20,6 +20,7 @@ plumbing of either mode in about a minute; its numbers mean nothing).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -115,13 +116,13 @@ class Demo:
         self.out, self.quick, self.seed, self.full = out, quick, seed, full
         self.mode = {(False, False): "default", (False, True): "quick", (True, False): "full",
                      (True, True): "full-quick"}[(full, quick)]
-        self.plan = BUDGETS[self.mode]
+        self.spend = BUDGETS[self.mode]
         self.runs, self.latents = out / "runs", out / "latents"
         self.stage_dir = out / "stages"
         self.stage_dir.mkdir(parents=True, exist_ok=True)
 
     def budget(self, key: str):
-        return getattr(self.plan, key)
+        return getattr(self.spend, key)
 
     def recipe(self, name: str, *overrides: str) -> Config:
         common = [f"run.out_dir={self.runs}", f"run.seed={self.seed}", "train.progress=false",
@@ -167,18 +168,14 @@ class Demo:
         return [f"latent.path={self.vae_dir}", f"latent.cache={self.latents}", *self.limit()]
 
     def cache(self) -> dict:
-        from usp.data.images import build_image_dataset, build_transform
-        from usp.latent.cache import build_cache
-        from usp.latent.vae import LatentSpace
+        """`usp cache-latents` of the pretraining recipe: the train split (the budget's images), the test split
+        (its test images)."""
+        from usp.latent.cache import cache_recipe
 
-        latent = LatentSpace.load("small-f4", str(self.vae_dir))
-        transform = build_transform(32, "center", hflip=False)
         counts = {}
-        for split in ("train", "test"):
-            limit = self.budget("images" if split == "train" else "test_images")
-            dataset = build_image_dataset("fashion_mnist", None, split, transform, limit=limit)
-            build_cache(dataset, latent, 32, self.latents, split, batch_size=500, progress=False)
-            counts[split] = len(dataset)
+        for split, budget in (("train", "images"), ("test", "test_images")):
+            config = self.recipe("pretrain", *self.latent_overrides(), f"data.limit={self.budget(budget) or 'null'}")
+            counts[split] = cache_recipe(config, [split], batch_size=500, progress=False)[split]["images"]
         return counts
 
     def domain(self) -> dict:
@@ -201,9 +198,11 @@ class Demo:
             write_sample_npz(path, np.repeat(padded[..., None], 3, axis=-1))
         return path
 
+    reference_text = "the 10 000 Fashion-MNIST test images"  # the real side of the domain FD, in the report
+
     def pretrain(self) -> dict:
         from usp.evaluate.reconstruct import reconstruct_grid
-        from usp.train.checkpoint import latest_weights
+        from usp.run.checkpoint import latest_weights
         from usp.train.engine import read_log, train
         from usp.train.tasks import build_task
 
@@ -239,7 +238,7 @@ class Demo:
                     "sampler": f"{gen.sampler} {gen.sample_steps} steps" + (f" ({gen.ode_method})"
                                                                            if gen.sampler == "ode" else ""),
                     "cfg_scale": gen.cfg_scale, "samples": gen.eval_samples, "sample_seed": arm.seed + 10**7,
-                    "reference": "the 10 000 Fashion-MNIST test images", "lr": config.lr,
+                    "reference": self.reference_text, "lr": config.lr,
                     "batch": config.train.global_batch}
         return {"run_dir": str(config.run_dir), "evals": evals, "final": evals[-1] if evals else {},
                 "arm": {"family": arm.family, "init": arm.init, "seed": arm.seed, "init_seed": arm.init_seed},
@@ -284,23 +283,35 @@ class Demo:
         return {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start,
                 "protocol": fast_protocol(features, limit, None)}
 
-    def run(self) -> Path:
+    def check_data(self) -> None:
         from usp.data.fashion_mnist import find_folder
 
         if find_folder() is None:
             raise FileNotFoundError("Fashion-MNIST not found: `apt-get install dataset-fashion-mnist` (or run "
                                     "`bash scripts/setup.sh`), or set USP_FASHION_MNIST to a folder with its IDX files")
-        results = {"vae": self.stage("vae", self.vae)}
+
+    trains_vae = True  # the small f4 VAE is trained here (else the recipes name a pretrained one)
+
+    def report_data(self):
+        """What the report says about the data (`usp.demo.report.ReportData`)."""
+        from usp.demo.report import ReportData
+
+        return ReportData()
+
+    def run(self) -> Path:
+        from usp.demo.report import write_report
+
+        self.check_data()
+        no_vae = {"psnr_test": math.nan, "scale": None, "steps": 0, "seconds": 0.0}
+        results = {"vae": self.stage("vae", self.vae) if self.trains_vae else no_vae}
         results["cache"] = self.stage("cache", self.cache)
         results["domain"] = self.stage("domain", self.domain)
         results["pretrain"] = self.stage("pretrain", self.pretrain)
         weights = results["pretrain"]["weights"]
-        for arm in arms(self.plan, self.seed):
+        for arm in arms(self.spend, self.seed):
             results[arm.key] = self.stage(arm.key, lambda arm=arm: self.generate(arm, weights))
         results["probe"] = self.stage("probe", lambda: self.probe(weights))
-        from usp.demo.report import write_report
-
-        return write_report(self.out, results, mode=self.mode, seed=self.seed)
+        return write_report(self.out, results, mode=self.mode, seed=self.seed, data=self.report_data())
 
 
 def _pixels(images: np.ndarray) -> torch.Tensor:
@@ -308,6 +319,13 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
     return torch.tensor(images.reshape(len(images), -1), dtype=torch.float32)
 
 
-def run_demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0, full: bool = False) -> Path:
-    """Run the demo (or, with `full`, the reproduction) into `out`; returns the report's path."""
-    return Demo(Path(out), quick, seed, full).run()
+def run_demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0, full: bool = False,
+             data: str | Path | None = None, image_size: int | None = None, flip: bool = True) -> Path:
+    """Run the demo into `out` -> the report's path: on Fashion-MNIST (with `full`, the reproduction), or with
+    `data` on that ImageFolder tree (`usp demo --data`: its recipes as `usp init` writes them, with `image_size`
+    and `flip`)."""
+    if data is None:
+        return Demo(Path(out), quick, seed, full).run()
+    from usp.demo.own_data import OwnDataDemo
+
+    return OwnDataDemo(data, Path(out), quick, seed, image_size, flip).run()

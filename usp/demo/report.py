@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,6 +16,18 @@ from usp.demo.verdict import family_verdict, verdict_sentence
 from usp.train.engine import read_log
 
 FAMILY = {"dit": "DiT", "sit": "SiT"}
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """What the report says about the data it ran on (the embedded default's: Fashion-MNIST)."""
+
+    name: str = "Fashion-MNIST"
+    recipes: str = "`configs/fmnist/*.yaml`"
+    num_classes: int = 10
+    test_images: str = "all 10 000 test images"  # what the probes are scored on
+    vae: str | None = None  # the VAE row when no VAE was trained here (None: the small VAE's test PSNR)
+    preface: tuple[str, ...] = field(default=())  # lines between the title and the stages (`usp demo --data`: the scan)
 
 
 def _plot(path: Path, series: dict[str, tuple[list, list]], ylabel: str, title: str,
@@ -97,15 +110,16 @@ def _steps_to_reach_lines(verdict: dict, usp_seeds: list[int]) -> list[str]:
     return lines
 
 
-def write_report(out: Path, results: dict, mode: str, seed: int) -> Path:
+def write_report(out: Path, results: dict, mode: str, seed: int, data: ReportData = ReportData()) -> Path:
     """Write out/report.md, its PNGs, out/results.json and out/logs/<run>/log.jsonl; returns the report path."""
     arms = [k for k, v in results.items() if isinstance(v, dict) and "arm" in v]
     logs = {k: read_log(Path(results[k]["run_dir"])) for k in arms}
     quick = mode.endswith("quick")
     title = {"default": "usp demo", "quick": "usp demo --quick", "full": "usp demo --full (the reproduction)",
              "full-quick": "usp demo --full --quick"}[mode]
-    lines = [f"# {title} — Fashion-MNIST, one CPU" + (" (plumbing check: the numbers mean nothing)" if quick else ""),
-             "", f"Seed {seed}. Every stage ran the library's own recipes (`configs/fmnist/*.yaml`) through the "
+    lines = [f"# {title} — {data.name}, one CPU" + (" (plumbing check: the numbers mean nothing)" if quick else ""),
+             *data.preface,
+             "", f"Seed {seed}. Every stage ran the library's own recipes ({data.recipes}) through the "
              "same engine and commands a user runs on ImageNet. Machine: "
              f"{os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads.", ""]
 
@@ -119,7 +133,8 @@ def write_report(out: Path, results: dict, mode: str, seed: int) -> Path:
         load_text = f"{load[0]:.1f} → {load[1]:.1f}" if load else "—"
         return f"| {label} | {results[name]['seconds']} | {load_text} | {text} |"
 
-    lines.append(row("vae", "small VAE (f4, 8 ch)", f"test PSNR {vae['psnr_test']:.2f} dB"))
+    lines.append(row("vae", "small VAE (f4, 8 ch)", f"test PSNR {vae['psnr_test']:.2f} dB") if data.vae is None
+                 else f"| VAE | 0 | — | {data.vae} |")
     lines.append(row("cache", "latent cache", f"{results['cache']['train']} train + {results['cache']['test']} test "
                                               "images, plain + flipped"))
     lines.append(row("domain", "domain classifier", f"test accuracy {100 * domain['test_accuracy']:.1f}%"))
@@ -143,10 +158,11 @@ def write_report(out: Path, results: dict, mode: str, seed: int) -> Path:
         protocol = results[arms[0]]["protocol"]
         lines += ["## Generation: USP initialisation vs scratch", "",
                   "**Protocol of every generation metric below.** Domain FD: the Fréchet distance between Gaussian "
-                  "fits of a small Fashion-MNIST classifier's 128-d features (the `domain` stage) of class-balanced "
+                  f"fits of a small {data.name} classifier's 128-d features (the `domain` stage) of class-balanced "
                   f"samples and of {protocol['reference']} — **not comparable to Inception FID**; ± is its bootstrap "
                   "sampling error (20 resamples of the generated features). Class agreement: the fraction of "
-                  "samples that classifier assigns to the class they were generated for (chance 0.10).", "",
+                  "samples that classifier assigns to the class they were generated for "
+                  f"(chance {1 / data.num_classes:.2f}).", "",
                   "| family | model (EMA) | objective | sampler | CFG | samples per evaluation | sample seeds | "
                   "lr, batch |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for family in families:
@@ -193,7 +209,7 @@ def write_report(out: Path, results: dict, mode: str, seed: int) -> Path:
                   "(the paired one where the init-only control ran, else the unpaired one); ✓✓: by more than both.",
                   ""]
         for s in usp_seeds:
-            sentences.append(verdict_sentence(name, s, verdict[s]))
+            sentences.append(verdict_sentence(name, s, verdict[s], chance=1 / data.num_classes))
         lines += [f"- {sentences[-len(usp_seeds) + i]}" for i in range(len(usp_seeds))]
         if len(logs[f"{family}_usp_s{usp_seeds[0]}"][1]) > 1:  # with one evaluation there is nothing to reach
             lines += ["", *_steps_to_reach_lines(verdict, usp_seeds)]
@@ -244,7 +260,7 @@ def write_report(out: Path, results: dict, mode: str, seed: int) -> Path:
     raw = probe["raw_pixels"]["fast"]
     lines += [f"| raw pixels | — | {raw['logistic_top1']:.2f} | — | {raw['seconds']:.0f} |", "",
               f"Features: {features['layer']}, {features['pooling']}, {features['norm']}; "
-              f"{paper['train_images']} training images, all 10 000 test images.",
+              f"{paper['train_images']} training images, {data.test_images}.",
               f"Linear probe (paper protocol, Table 12): {paper['classifier']}; {paper['schedule']}; "
               f"augmentation: {paper['augmentation']}.",
               f"Fast read-out (NOT the paper's protocol): {fast['classifier']}; augmentation: {fast['augmentation']}.",

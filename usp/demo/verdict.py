@@ -132,7 +132,7 @@ def family_verdict(logs: dict[str, Log], family: str, seeds: list[int], scratch_
     return out
 
 
-def verdict_sentence(family_label: str, seed: int, v: dict) -> str:
+def verdict_sentence(family_label: str, seed: int, v: dict, chance: float = 0.1) -> str:
     """One honest sentence per (family, seed): beyond the band, inside it, or worse."""
     final, loss = v["final"], v["loss"]
     if final is None:
@@ -164,5 +164,6 @@ def verdict_sentence(family_label: str, seed: int, v: dict) -> str:
             text += (f" and {'beyond' if loss['beyond_unpaired'] else 'NOT beyond'} the unpaired gap between scratch "
                      f"seeds (max {100 * loss['chance_unpaired_max']:.1f}%)")
     agreement = final["usp_agreement"]
-    text += f"; class agreement {agreement:.2f} (USP) vs {final['scratch_agreement']:.2f} (scratch), chance 0.10."
+    text += (f"; class agreement {agreement:.2f} (USP) vs {final['scratch_agreement']:.2f} (scratch), "
+             f"chance {chance:.2f}.")
     return text

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from usp.diffusion.gaussian import Generators, randn_like
+from usp.diffusion.gaussian import Generators, mean_flat, randn_like
+from usp.diffusion.lightning import cosine_velocity_loss, shift_grid
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x: (N, C, H, W), t: (N,) float) -> (N, C, H, W)
 
@@ -32,11 +33,6 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x: (N, C, H, W), t: (N,) float)
 def _expand(t: Tensor, x: Tensor) -> Tensor:
     """(N,) -> (N, 1, ..., 1) broadcastable to x."""
     return t.view(-1, *([1] * (x.ndim - 1)))
-
-
-def mean_flat(x: Tensor) -> Tensor:
-    """(N, ...) -> (N,) mean over all but the batch dimension."""
-    return x.mean(dim=tuple(range(1, x.ndim)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,6 +163,7 @@ class Transport:
     loss_weight: str | None = None
     train_eps: float = 0.0
     sample_eps: float = 0.0
+    cosine_loss: bool = False  # LightningDiT: + mean over pixels of 1 − cos(v_θ, u_t) over channels (velocity only)
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -177,6 +174,8 @@ class Transport:
             # SiT silently ignores a weight for velocity prediction; say so instead.
             raise ValueError(f"loss_weight={self.loss_weight!r} applies to score/noise prediction only; "
                              "velocity prediction uses the plain MSE, so pass loss_weight=None")
+        if self.cosine_loss and self.prediction != "velocity":
+            raise ValueError("the cosine loss compares velocities (LightningDiT): it needs prediction='velocity'")
 
     def interval(self, *, sampling: bool = False, sde: bool = False, diffusion_form: str = "sigma",
                  last_step_size: float = 0.0) -> tuple[float, float]:
@@ -212,7 +211,11 @@ class Transport:
         if out.shape != x1.shape:
             raise ValueError(f"model output {tuple(out.shape)} must match the data {tuple(x1.shape)}")
         if self.prediction == "velocity":
-            return {"loss": mean_flat((out - u_t) ** 2)}
+            mse = mean_flat((out - u_t) ** 2)
+            if not self.cosine_loss:
+                return {"loss": mse}
+            cos = cosine_velocity_loss(out, u_t)  # LightningDiT's train.py: loss = mse + cos_loss, both logged
+            return {"loss": mse + cos, "mse": mse, "cos_loss": cos}
         te = _expand(t, x1)
         sigma, w = self.path.coefficients(te)[1], self.path.drift_var(te)
         weight = {None: torch.ones_like(te), "velocity": (w / sigma) ** 2, "likelihood": w / sigma**2}[self.loss_weight]
@@ -237,7 +240,8 @@ class Transport:
 
 
 def create_transport(path: str = "linear", prediction: str = "velocity", loss_weight: str | None = None,
-                     train_eps: float | None = None, sample_eps: float | None = None) -> Transport:
+                     train_eps: float | None = None, sample_eps: float | None = None,
+                     cosine_loss: bool = False) -> Transport:
     """SiT's transport. path: 'linear' | 'gvp' | 'vp' (any case); prediction: 'velocity' | 'score' | 'noise'.
 
     Default eps (SiT's `create_transport`): VP 1e-5 train / 1e-3 sample; Linear/GVP with score or noise
@@ -256,7 +260,7 @@ def create_transport(path: str = "linear", prediction: str = "velocity", loss_we
         defaults = (0.0, 0.0)
     return Transport(path=PATHS[key](), prediction=prediction, loss_weight=loss_weight,
                      train_eps=defaults[0] if train_eps is None else float(train_eps),
-                     sample_eps=defaults[1] if sample_eps is None else float(sample_eps))
+                     sample_eps=defaults[1] if sample_eps is None else float(sample_eps), cosine_loss=cosine_loss)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,11 +270,12 @@ def create_transport(path: str = "linear", prediction: str = "velocity", loss_we
 
 @torch.no_grad()
 def sample_ode(transport: Transport, model_fn: ModelFn, x0: Tensor, *, method: str = "dopri5", num_steps: int = 50,
-               atol: float = 1e-6, rtol: float = 1e-3) -> tuple[Tensor, int]:
+               atol: float = 1e-6, rtol: float = 1e-3, timestep_shift: float = 0.0) -> tuple[Tensor, int]:
     """Integrate dx/dt = v(x, t) from t0 to t1 (SiT Eq. 3); returns (x at t1, number of model calls).
 
     method: 'euler' or 'heun' (fixed grid of `num_steps` points, i.e. num_steps − 1 steps, as SiT's grid),
     or any adaptive torchdiffeq method ('dopri5', 'bosh3', …) with tolerances atol / rtol.
+    timestep_shift s > 0: the fixed grid mapped by t -> s·t / (1 + (s − 1)·t) (LightningDiT; usp.diffusion.lightning).
     x0: (N, C, H, W) Gaussian noise.
     """
     t0, t1 = transport.interval(sampling=True)
@@ -285,7 +290,7 @@ def sample_ode(transport: Transport, model_fn: ModelFn, x0: Tensor, *, method: s
     if method in ("euler", "heun"):
         if num_steps < 2:
             raise ValueError(f"num_steps counts grid points and must be at least 2, got {num_steps}")
-        ts = torch.linspace(t0, t1, num_steps, device=x0.device, dtype=x0.dtype)
+        ts = shift_grid(torch.linspace(t0, t1, num_steps, device=x0.device, dtype=x0.dtype), timestep_shift)
         x = x0
         for t_cur, t_next in zip(ts[:-1], ts[1:]):
             dt = t_next - t_cur

@@ -2,11 +2,11 @@
 domain classifier for small data (its "domain FD" is not comparable to Inception FID), quick frozen-feature
 probes (logistic regression, k-NN) and the restoration figure of a pretraining run.
 
-May import: config, data, latent, models, and `usp.train.checkpoint` (the weights format); never the engine,
-the tasks, demo or cli.
+May import: config, run (the weights and log readers), data, models, diffusion (the objective's noising, for
+the backbone probe), latent; never sample, train, demo or cli.
 """
 
-from usp.evaluate.domain import DomainEvaluator, domain_metrics, train_domain_classifier
+from usp.evaluate.domain import DomainEvaluator, domain_metrics, train_domain_classifier, train_domain_cnn
 from usp.evaluate.inception import InceptionFeatures, InceptionOutputs, resolve_weights, save_random_weights
 from usp.evaluate.metrics import (
     compute_statistics,
@@ -50,6 +50,7 @@ __all__ = [
     "resolve_weights",
     "save_random_weights",
     "train_domain_classifier",
+    "train_domain_cnn",
     "write_metrics_json",
     "write_reference_npz",
     "write_sample_npz",

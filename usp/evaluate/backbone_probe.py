@@ -4,8 +4,9 @@ Features of an image: its clean latent x (posterior mean, unflipped) is noised t
 with a fixed per-image noise, the generator runs at that time with the label embedding off (the null,
 CFG-unconditional label, so no class information enters), and the tokens after block k are mean-pooled
 (before the final adaLN layer). Logistic regression and k-NN then read the pooled features, as
-`usp probe --fast` does for an encoder. Noise level s maps to the model's time by the conventions of
-docs/conventions.md: DDPM t = round(s·(T − 1)) (t = 0 is data); transport t = 1 − s (t = 1 is data).
+`usp probe --fast` does for an encoder. Noise level s maps to the model's time by the generator's objective
+(`usp.diffusion.build_objective`, docs/conventions.md): DDPM t = round(s·(T − 1)) (t = 0 is data); transport
+t = 1 − s (t = 1 is data).
 """
 
 from __future__ import annotations
@@ -17,18 +18,10 @@ from pathlib import Path
 import torch
 
 from usp.config import Config
+from usp.diffusion import Objective, build_objective
 from usp.evaluate.probes import fast_protocol, knn_accuracy, logistic_regression
 from usp.latent.data import LatentData
 from usp.models.dit import DiT
-
-
-def model_time(config, noise_level: float) -> float:
-    """Noise level s ∈ [0, 1] (0 = clean data, 1 = pure noise) -> the generator's own time value."""
-    if not 0.0 <= noise_level <= 1.0:
-        raise ValueError(f"noise level must lie in [0, 1] (0 = data, 1 = noise), got {noise_level}")
-    if config.generation.method == "ddpm":
-        return float(round(noise_level * 999))
-    return 1.0 - noise_level
 
 
 @torch.no_grad()
@@ -54,25 +47,10 @@ def backbone_features(model: DiT, x_t: torch.Tensor, t: torch.Tensor, blocks: Se
     return out
 
 
-def noised(config, x: torch.Tensor, noise: torch.Tensor, noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, t): clean latents x (N, C, H, W) moved to noise level s along the generator's own process."""
-    t_value = model_time(config, noise_level)
-    if config.generation.method == "ddpm":
-        from usp.diffusion import create_diffusion
-
-        t = torch.full((len(x),), int(t_value), dtype=torch.long, device=x.device)
-        return create_diffusion(None, learn_sigma=config.generation.learn_sigma).q_sample(x, t, noise), t
-    from usp.diffusion import create_transport
-
-    gen = config.generation
-    transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps)
-    t = torch.full((len(x),), t_value, device=x.device)
-    return transport.path.interpolate(t, noise, x)[0], t
-
-
 @torch.no_grad()
-def split_features(model: DiT, config, data: LatentData, blocks: Sequence[int], noise_levels: Sequence[float],
-                   seed: int, batch_size: int = 500) -> tuple[dict[tuple[int, float], torch.Tensor], torch.Tensor]:
+def split_features(model: DiT, objective: Objective, data: LatentData, blocks: Sequence[int],
+                   noise_levels: Sequence[float], seed: int, batch_size: int = 500
+                   ) -> tuple[dict[tuple[int, float], torch.Tensor], torch.Tensor]:
     """{(block, noise level): (N, D)} pooled features of every item of a split, and its labels (N,).
     The noise of item i is drawn from `seed + i`, so it is the same at every noise level and batch size."""
     feats: dict[tuple[int, float], list[torch.Tensor]] = {(k, s): [] for k in blocks for s in noise_levels}
@@ -83,7 +61,7 @@ def split_features(model: DiT, config, data: LatentData, blocks: Sequence[int], 
                              for i in range(len(x))])
         index += len(x)
         for s in noise_levels:
-            x_t, t = noised(config, x, noise, s)
+            x_t, t = objective.noised(x, noise, s)
             for k, f in backbone_features(model, x_t, t, blocks).items():
                 feats[(k, s)].append(f)
         labels.append(batch["label"])
@@ -99,19 +77,20 @@ def probe_backbone(model: DiT, config: Config, weights: str | Path, blocks: Sequ
     torch.manual_seed(config.run.seed)
     train_data = LatentData(config, config.data.split, augment=False)
     test_data = LatentData(config, config.data.eval_split, augment=False)
-    train_f, train_y = split_features(model, config, train_data, blocks, noise_levels, seed=config.run.seed)
-    test_f, test_y = split_features(model, config, test_data, blocks, noise_levels, seed=config.run.seed + 10**7)
+    objective = build_objective(config.generation)
+    train_f, train_y = split_features(model, objective, train_data, blocks, noise_levels, seed=config.run.seed)
+    test_f, test_y = split_features(model, objective, test_data, blocks, noise_levels, seed=config.run.seed + 10**7)
     rows = []
     for k in blocks:
         for s in noise_levels:
             logistic = logistic_regression(train_f[(k, s)], train_y, test_f[(k, s)], test_y)
             knn = knn_accuracy(train_f[(k, s)], train_y, test_f[(k, s)], test_y)
-            rows.append({"block": k, "noise_level": s, "model_t": model_time(config, s),
+            rows.append({"block": k, "noise_level": s, "model_t": objective.model_time(s),
                          "logistic_top1": logistic["top1"], "knn_top1": knn["top1"]})
     features = {"layer": f"output of DiT block k of {model.depth} (rows), before the final layer",
                 "pooling": "mean of all tokens", "norm": "none (raw residual stream)",
                 "input": f"latent noised to level s (rows; 0 = data, 1 = noise) with fixed per-image noise, "
-                         f"{config.generation.method} time convention",
+                         f"{objective.name} time convention",
                 "label": "null (CFG-unconditional) label" if model.y_embedder.dropout_prob > 0 else "none"}
     return {"weights": str(weights), "init": config.model.init or "random", "rows": rows,
             "seconds": time.perf_counter() - start,

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from usp.train.log import read_log
+from usp.run.log import read_log
 
 LOSS_TOL = 0.05  # relative; see the module docstring for where it comes from
 FD_TOL = 0.10  # relative, on top of 2 x the combined bootstrap error
@@ -162,3 +162,19 @@ def format_comparison(result: Comparison, run_name: str, reference_names: list[s
         lines.append(f"within the reference's band at all {len(result.rows)} matching steps "
                      f"(last: {result.rows[-1]['step']})")
     return "\n".join(lines)
+
+
+def compare_runs(run: str | Path, reference: str | Path, loss_tol: float | None = None, fd_tol: float | None = None,
+                 patience: int = 2, skip: float | None = None) -> tuple[str, bool]:
+    """`usp compare-run RUN REFERENCE`: (the side-by-side table with its verdict, whether RUN left the band).
+    A tolerance left None takes this module's default."""
+    runs = load_runs(run)
+    if len(runs) != 1:
+        raise ValueError(f"RUN must be one run (a folder with log.jsonl); {run} holds {len(runs)}")
+    references = load_runs(reference)
+    loss_tol = LOSS_TOL if loss_tol is None else loss_tol
+    fd_tol = FD_TOL if fd_tol is None else fd_tol
+    skip = SKIP if skip is None else skip
+    result = compare(runs[0], references, loss_tol=loss_tol, fd_tol=fd_tol, patience=patience, skip=skip)
+    text = format_comparison(result, runs[0].name, [r.name for r in references], loss_tol, fd_tol, patience, skip)
+    return text, result.diverged

@@ -1,7 +1,8 @@
 """A domain feature extractor for small data (Fashion-MNIST), where Inception features mean little.
 
-A tiny CNN classifier is trained on Fashion-MNIST (32x32, RGB copies of the grey images, in [-1, 1]); its
-penultimate activations play the role of Inception's pool3 and its predictions the role of the class check.
+A tiny CNN classifier is trained (`train_domain_cnn`, the one trainer) on Fashion-MNIST (32x32, RGB copies of the
+grey images, in [-1, 1]; `train_domain_classifier`) or on the classes of `usp demo --data`; its penultimate
+activations play the role of Inception's pool3 and its predictions the role of the class check.
 
 **Not comparable to Inception FID.** The "domain FD" is the Fréchet distance between Gaussian fits of *this*
 network's 128-d features: its scale depends on this network and its training run, so compare domain FDs only
@@ -92,54 +93,65 @@ def train_domain_classifier(
     num_threads: int | None = None,
     limit: int | None = None,
 ) -> tuple[DomainCNN, float]:
-    """Train `DomainCNN` on the Fashion-MNIST training split (Adam, one-cycle lr), save it to `out_path` as
-    safetensors (test accuracy and settings in its metadata) -> (model, test accuracy on the test split).
+    """`train_domain_cnn` on Fashion-MNIST: the training split (its first `limit` images: smoke tests) for
+    `epochs` epochs, scored on the test split -> (model, test accuracy).
 
-    `limit` trains on the first `limit` training images only (smoke tests). `num_threads` sets torch's CPU
-    threads for the duration of the call only: on a busy two-core machine one thread trained about 8x faster
-    than two, whose OpenMP workers spin against each other."""
+    `num_threads` sets torch's CPU threads for the duration of the call only: on a busy two-core machine one
+    thread trained about 8x faster than two, whose OpenMP workers spin against each other."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _train(out_path, epochs, seed, device, batch_size, lr, root, limit)
+        train_x, train_y = load_fashion_mnist(root, "train")
+        test_x, test_y = load_fashion_mnist(root, "test")
+        x, y = to_rgb32(train_x[:limit]), torch.from_numpy(train_y[:limit])  # (N, 3, 32, 32), (N,)
+        steps = epochs * max(1, len(x) // batch_size)
+        return train_domain_cnn(x, y, to_rgb32(test_x), torch.from_numpy(test_y), out_path, steps, seed=seed,
+                                batch_size=batch_size, lr=lr, device=device, dataset="fashion_mnist")
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(out_path, epochs, seed, device, batch_size, lr, root, limit) -> tuple[DomainCNN, float]:
+def train_domain_cnn(x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                     out_path: str | os.PathLike, steps: int, num_classes: int = NUM_CLASSES, seed: int = 0,
+                     batch_size: int = 128, lr: float = 2e-3, device: str = "cpu",
+                     dataset: str = "folder") -> tuple[DomainCNN, float]:
+    """Train `DomainCNN` on x: (N, 3, 32, 32) in [-1, 1] with labels y: (N,) for `steps` Adam steps (one-cycle lr),
+    in epochs of seeded permutations (a step takes the next `batch_size` images of the current one, the rest of an
+    epoch is dropped); save it atomically as safetensors, `num_classes` and the test accuracy in its metadata
+    (what `DomainEvaluator.load` reads) -> (model in eval mode, accuracy on test_x, test_y)."""
+    if steps < 1:
+        raise ValueError(f"the domain classifier needs at least 1 step, got {steps}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    train_x, train_y = load_fashion_mnist(root, "train")
-    test_x, test_y = load_fashion_mnist(root, "test")
-    x, y = to_rgb32(train_x[:limit]), torch.from_numpy(train_y[:limit])  # (N, 3, 32, 32), (N,)
-    model = DomainCNN().to(device)
+    model = DomainCNN(num_classes=num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps_per_epoch = max(1, len(x) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    per_epoch = max(1, len(x) // batch_size)
     start = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        for step in range(steps_per_epoch):
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        log.info("domain classifier epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, epochs, loss.item(),
-                 time.perf_counter() - start)
-    accuracy = _accuracy(model, to_rgb32(test_x), torch.from_numpy(test_y), device)
+    model.train()
+    for step in range(steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(len(x), generator=gen)
+        idx = order[(step % per_epoch) * batch_size : (step % per_epoch + 1) * batch_size]
+        loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % per_epoch == 0:
+            log.info("domain classifier epoch %d: loss %.4f (%.0f s)", (step + 1) // per_epoch, loss.item(),
+                     time.perf_counter() - start)
+    accuracy = _accuracy(model, test_x, test_y, device)
     seconds = time.perf_counter() - start
-    log.info("domain classifier: test accuracy %.4f after %d epochs, %.0f s", accuracy, epochs, seconds)
+    log.info("domain classifier: test accuracy %.4f after %d steps, %.0f s", accuracy, steps, seconds)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"test_accuracy": f"{accuracy:.6f}", "epochs": str(epochs), "seed": str(seed),
-            "train_seconds": f"{seconds:.1f}", "dataset": "fashion_mnist", "feature_dim": str(FEATURE_DIM),
-            "train_images": str(len(x))}
+    meta = {"test_accuracy": f"{accuracy:.6f}", "steps": str(steps), "epochs": f"{steps / per_epoch:g}",
+            "seed": str(seed), "train_seconds": f"{seconds:.1f}", "dataset": dataset,
+            "feature_dim": str(FEATURE_DIM), "num_classes": str(num_classes), "train_images": str(len(x))}
     tmp = out_path.with_name(out_path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
     os.replace(tmp, out_path)
@@ -207,7 +219,7 @@ def domain_metrics(
     if bootstrap > 1:
         rng = np.random.default_rng(seed)  # the eigh path: the same value to ~1e-9, ~10x faster than sqrtm
         draws = [frechet_distance(*compute_statistics(features[rng.integers(0, len(features), len(features))]),
-                                  mu_r, sigma_r, method="eigh") for _ in range(bootstrap)]
+                                  mu_r, sigma_r, matrix_sqrt="eigh") for _ in range(bootstrap)]
         spread = float(np.std(draws, ddof=1))
     agreement = float("nan")
     if fake_labels is not None:

@@ -62,7 +62,7 @@ def frechet_distance(
     mu2: np.ndarray,
     sigma2: np.ndarray,
     eps: float = 1e-6,
-    method: Literal["sqrtm", "eigh"] = "sqrtm",
+    matrix_sqrt: Literal["sqrtm", "eigh"] = "sqrtm",
 ) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
 
@@ -70,12 +70,12 @@ def frechet_distance(
 
     `mu: (D,)`, `sigma: (D, D)`, all in float64.
 
-    `method="sqrtm"` (default) is ADM's computation (after TTUR's `fid.py`): `scipy.linalg.sqrtm` of the
+    `matrix_sqrt="sqrtm"` (default) is ADM's computation (after TTUR's `fid.py`): `scipy.linalg.sqrtm` of the
     product; if that is not finite (near-singular product), `eps·I` is added to both covariances and it is
     retried; a result whose diagonal has an imaginary part above 1e-3 is an error, a smaller one is dropped.
     It takes tens of seconds for D = 2048 on a small CPU.
 
-    `method="eigh"` computes the same trace as Σ √λ of sigma1^½ sigma2 sigma1^½ (symmetric, PSD; same eigenvalues
+    `matrix_sqrt="eigh"` computes the same trace as Σ √λ of sigma1^½ sigma2 sigma1^½ (symmetric, PSD; same eigenvalues
     as sigma1 sigma2), with eigenvalues rounded below 0 clipped to 0: ~10x faster, agreeing with "sqrtm" to ~1e-9
     relative on valid statistics (tested), but not ADM's code path — report which one produced a number.
     """
@@ -85,10 +85,10 @@ def frechet_distance(
         raise ValueError(f"mean vectors differ in length: {mu1.shape} vs {mu2.shape}")
     if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
         raise ValueError(f"covariances must both be {(mu1.shape[0],) * 2}, got {sigma1.shape} and {sigma2.shape}")
-    if method not in ("sqrtm", "eigh"):
-        raise ValueError(f"method must be 'sqrtm' (ADM) or 'eigh', got {method!r}")
+    if matrix_sqrt not in ("sqrtm", "eigh"):
+        raise ValueError(f"matrix_sqrt must be 'sqrtm' (ADM) or 'eigh', got {matrix_sqrt!r}")
     diff = mu1 - mu2
-    if method == "eigh":
+    if matrix_sqrt == "eigh":
         tr_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
     else:
         tr_covmean = _trace_sqrt_product(sigma1, sigma2, eps)

@@ -12,7 +12,7 @@ from usp.data.images import build_image_dataset, build_transform
 from usp.latent.vae import LatentSpace
 from usp.models import create_model
 from usp.models.vit import patchify, unpatchify
-from usp.train.checkpoint import load_strict, load_weights
+from usp.run.weights import load_strict, load_weights
 
 
 def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, mask_ratio: float = 0.75,
@@ -25,10 +25,11 @@ def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, 
                          "checkpoint (runs/<name>/checkpoints/weights_*.safetensors of `usp pretrain`)")
     config = config_from_dict(meta["config"], overrides)
     dc = config.data
-    latent = LatentSpace.load(config.latent.space, config.latent.path)
+    latent = LatentSpace.load(config.latent.space, config.latent.path, cache=config.latent.cache)
     latent_size = latent.check_image_size(dc.image_size)
-    model = create_model(config.model.name, ("vit",), latent_size=latent_size, in_channels=latent.channels,
-                         norm_pix_loss=config.pretrain.norm_pix_loss)
+    model = create_model(config.model.name, ("vit", "vit_lightning"), latent_size=latent_size,
+                         in_channels=latent.channels, norm_pix_loss=config.pretrain.norm_pix_loss,
+                         **config.model.block_options())
     load_strict(model, state, str(weights))
     model.eval()
 

@@ -243,9 +243,9 @@ def evaluate_npz(
     sample_stats = inception_stats(sample)
     # ADM: sample_stats.frechet_distance(ref_stats), i.e. the samples as the first argument
     fid = frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"],
-                           method=fd_method)
+                           matrix_sqrt=fd_method)
     sfid = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"],
-                            method=fd_method)
+                            matrix_sqrt=fd_method)
     precision = recall = math.nan
     if ref is not None:
         precision, recall = precision_recall(ref.pool, sample.pool, device=str(extractor.device))
@@ -281,10 +281,18 @@ def main(
     out_json: str | os.PathLike | None = None,
     inception_weights: str | os.PathLike | None = None,
     batch_size: int = 50,
-    device: str = "cpu",
+    device: str | None = None,
     fd_method: Literal["sqrtm", "eigh"] = "sqrtm",
 ) -> dict[str, float]:
-    """`usp evaluate REF.npz SAMPLES.npz`: ADM's metrics, printed as a table and written to `out_json`."""
+    """`usp evaluate REF.npz SAMPLES.npz`: ADM's metrics, printed as a table and written to `out_json`.
+    `device`: default cuda when there is one."""
+    for name, path in (("reference", ref), ("samples", samples)):  # before Inception loads (slow)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{name} batch {path} not found; write one with `usp reference DIR --out "
+                                    f"ref.npz` or `usp sample`")
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     extractor = InceptionFeatures.from_weights(inception_weights, device=device)
     metrics = evaluate_npz(ref, samples, extractor, batch_size=batch_size, progress=True, fd_method=fd_method)
     print(format_metrics_table(metrics))

@@ -2,5 +2,6 @@
 small f4 VAE), encode/decode, the memory-mapped cache of VAE moments, and `LatentData`, the dataset every
 latent task reads (cached moments with a per-sample flip, or images encoded on the fly).
 
-May import: `usp.config`, `usp.data`; never models, training, sampling or evaluation.
+May import: config, run (the weights reader), data, models (the registry and REPA's teacher, whose tokens are
+cached beside the latents); never diffusion, training, sampling or evaluation.
 """

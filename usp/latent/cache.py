@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from usp import DiskFullError
+from usp.latent.stats import write_cache_stats
 from usp.latent.vae import LatentSpace, norm_fingerprint, scale_and_shift
 
 HEADER_BYTES = 4096
@@ -137,6 +138,7 @@ def build_cache(dataset: Dataset, latent: LatentSpace, image_size: int, folder: 
                              "delete it to rebuild")
         header = old
         if header["done"] == header["count"]:
+            write_cache_stats(path)  # per-channel statistics beside the cache (LightningDiT's), if not there yet
             return path
     try:
         _allocate(path, size)
@@ -169,6 +171,7 @@ def build_cache(dataset: Dataset, latent: LatentSpace, image_size: int, folder: 
         _write_header(path, header)
         bar.update(n)
     bar.close()
+    write_cache_stats(path)  # per-channel statistics beside the cache (LightningDiT's), if not there yet
     return path
 
 
@@ -221,7 +224,7 @@ def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
 
     lc, fingerprint, datasets = config.latent, None, []
     try:  # the statistics are small files (or constants): no VAE needs loading for them
-        norm = norm_fingerprint(*scale_and_shift(lc.space, lc.path))
+        norm = norm_fingerprint(*scale_and_shift(lc.space, lc.path, lc.cache))
     except (OSError, ValueError):
         norm = ""  # the task reading the cache needs them and names the missing file itself
     for split in splits:
@@ -234,7 +237,7 @@ def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
             continue
         if fingerprint is None:
             try:
-                fingerprint = vae_fingerprint(LatentSpace.load(lc.space, lc.path))
+                fingerprint = vae_fingerprint(LatentSpace.load(lc.space, lc.path, cache=lc.cache))
             except (OSError, ValueError) as err:  # pretraining on a cache needs no VAE: do not demand one here
                 logging.getLogger("usp").warning(f"warning: cannot load the recipe's VAE to check {path} against "
                                                  f"it ({' '.join(str(err).split())[:200]}); its VAE is unchecked")
@@ -246,7 +249,9 @@ def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
         # Only what the header records: `build_cache` called without `source` (the demo) records the VAE alone.
         differ = [f"{k} {header[k]!r} (cache) vs {wanted[k]!r} (recipe)" for k in wanted if k in header and
                   header[k] != wanted[k]]
-        if "limit" in header and (limit is None and header["limit"] is not None or (limit or 0) > header["count"]):
+        # A cache holds its whole split when made without a limit or when the split ran out before the limit.
+        whole = header.get("limit") is None or header["count"] < header["limit"]
+        if "limit" in header and not whole and (limit is None or limit > header["count"]):
             differ.append(f"{header['count']} images (cache) vs {limit or 'all'} (recipe data.limit)")
         if differ:
             what = ("the VAE weights differ" if any(d.startswith("vae_sha256") for d in differ) else
@@ -256,3 +261,31 @@ def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
                              "rebuild it with `usp cache-latents` and this recipe, or point latent.cache at a "
                              "matching one")
     return datasets
+
+
+def cache_recipe(config, splits: list[str], folder: str | Path | None = None, batch_size: int = 64,
+                 device: str | None = None, progress: bool = True) -> dict[str, dict]:
+    """`usp cache-latents`: encode the recipe's images of each split (the ADM centre crop for image folders, as DiT
+    trains; no flip, the cache stores it) into `folder` (default latent.cache), with REPA's teacher tokens beside
+    them when the recipe trains REPA on cached tokens -> {split: {"images", "path", "tokens" (None when off)}}.
+    `device`: default cuda when there is one and the recipe does not ask for the CPU."""
+    from usp.data.images import build_image_dataset, build_transform
+    from usp.latent.features import build_recipe_features
+
+    lc, dc = config.latent, config.data
+    folder = folder or lc.cache
+    if folder is None:
+        raise ValueError("no cache folder: give --out DIR or set latent.cache in the recipe")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and config.run.device != "cpu" else "cpu"
+    latent = LatentSpace.load(lc.space, lc.path, cache=folder)  # per-channel statistics: computed into the cache
+    latent.check_image_size(dc.image_size)
+    transform = build_transform(dc.image_size, cache_crop(dc.source), hflip=False, normalize=dc.normalize)
+    made = {}
+    for split in splits:
+        dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download, dc.exclude)
+        path = build_cache(dataset, latent, dc.image_size, folder, split, batch_size, dc.num_workers, device,
+                           progress=progress, source=cache_source(config, split))
+        made[split] = {"images": len(dataset), "path": path,
+                       "tokens": build_recipe_features(config, dataset, split, folder, device)}
+    return made

@@ -38,7 +38,7 @@ class LatentData:
                 raise ValueError("this recipe augments images (classify.randaug / random_erasing), which a latent "
                                  "cache cannot do: unset latent.cache to encode augmented images on the fly")
             self.dataset = LatentCacheDataset(lc.cache, split, lc.space, dc.image_size, dc.limit)
-            self.scale, self.shift = scale_and_shift(lc.space, lc.path)
+            self.scale, self.shift = scale_and_shift(lc.space, lc.path, lc.cache)
         else:
             transform = transform or build_transform(dc.image_size, crop or (dc.crop if augment else "center"),
                                                      dc.crop_scale, dc.hflip and augment, dc.normalize)

@@ -93,6 +93,20 @@ def recipe_token_grid(config) -> int:
     return config.data.image_size // spec_of(config.latent.space).factor // patch
 
 
+def load_repa_teacher(name: str, weights: str | None, img_size: int | None = None):
+    """repa.teacher with repa.teacher_weights: a local .safetensors / .pt / .pth file (read by `usp.run.weights`; a
+    safetensors file may name extra timm constructor arguments in its metadata key "timm_kwargs", for small
+    stand-in teachers), or "timm" / "hf-hub:<id>" for timm's own pretrained download."""
+    from usp.models.repa import load_teacher
+    from usp.run.weights import file_metadata, load_weights
+
+    if weights is None or weights == "timm" or weights.startswith("hf-hub:"):
+        return load_teacher(name, weights, img_size)
+    state, _ = load_weights(weights)
+    kwargs = json.loads(file_metadata(weights).get("timm_kwargs", "{}"))
+    return load_teacher(name, state, img_size, timm_kwargs=kwargs, source=str(weights))
+
+
 def recipe_features_dir(config, cache_folder: str | Path | None = None) -> Path:
     """Where a recipe's teacher tokens live: repa.features_dir, else beside its latent cache."""
     rc = config.repa
@@ -106,15 +120,13 @@ def build_recipe_features(config, images: Dataset, split: str, cache_folder: str
     """`usp cache-latents` for a recipe with REPA on cached tokens: the teacher's tokens of `images` (the cache's
     images, in its order, unaugmented) beside the latent cache. Skipped (None) when tokens made by this teacher
     for this cache already exist."""
-    from usp.models.repa import load_teacher
-
     rc = config.repa
     if not rc.enabled or rc.features == "online":
         return None
     if config.data.normalize != "half":
         raise ValueError("REPA teacher tokens are made from images in [-1, 1] (data.normalize=half); the teacher "
                          "applies its own normalisation")
-    teacher = load_teacher(rc.teacher, rc.teacher_weights, rc.teacher_size)
+    teacher = load_repa_teacher(rc.teacher, rc.teacher_weights, rc.teacher_size)
     grid, folder = recipe_token_grid(config), recipe_features_dir(config, cache_folder)
     latents = LatentCacheDataset(cache_folder, split, config.latent.space, config.data.image_size, config.data.limit)
     try:

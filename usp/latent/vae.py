@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from usp.latent.ldm import KL16_LAYOUT, VAVAE_F16D32_LAYOUT, LdmLayout, load_ldm_checkpoint
+from usp.run.runtime import AUTOCAST_DTYPES
 
 # One number for every channel, or one per channel.
 Stat = float | tuple[float, ...]
@@ -96,41 +97,61 @@ def _per_channel(value: Stat, like: torch.Tensor) -> torch.Tensor | float:
     return value
 
 
+def _known(scale: Stat | None) -> None:
+    if scale is None:  # LatentSpace.load(..., cache=...) before `usp cache-latents` has computed the statistics
+        raise ValueError("this latent space's per-channel statistics are not computed yet: finish `usp cache-latents` "
+                         "(it writes latents_stats.pt into latent.cache), or put the published file beside latent.path")
+
+
 def normalise(x: torch.Tensor, scale: Stat, shift: Stat) -> torch.Tensor:
     """Raw VAE latents x (…, C, h, w) -> model latents z = scale · (x − shift), per channel where given."""
+    _known(scale)
     return (x - _per_channel(shift, x)) * _per_channel(scale, x)
 
 
 def denormalise(z: torch.Tensor, scale: Stat, shift: Stat) -> torch.Tensor:
     """Model latents z (…, C, h, w) -> raw VAE latents x = z / scale + shift: the inverse of `normalise`."""
+    _known(scale)
     return z / _per_channel(scale, z) + _per_channel(shift, z)
 
 
 def norm_fingerprint(scale: Stat, shift: Stat) -> str:
-    """A short hash of a normalisation; latent caches record it (other statistics make another latent space)."""
+    """A short hash of a normalisation; latent caches record it (other statistics make another latent space).
+    Statistics not computed yet (scale None) hash to usp.latent.stats.PENDING, which the cache builder replaces."""
+    if scale is None:
+        from usp.latent.stats import PENDING
+
+        return PENDING
     return hashlib.sha256(json.dumps([scale, shift]).encode()).hexdigest()[:16]
 
 
-def _channel_stats(name: str, spec: LatentSpec, path: str | None) -> tuple[Stat, Stat]:
+def channel_norm(name: str, stats: dict, source: Path) -> tuple[Stat, Stat]:
     """LightningDiT's `(x − mean_c) / std_c × multiplier` as scale_c = multiplier / std_c, shift_c = mean_c."""
-    if path is None:
-        raise ValueError(f"latent space {name!r} reads its per-channel statistics beside its checkpoint: set "
-                         f"latent.path to the checkpoint file and put {spec.stats_file} in the same folder")
-    stats_path = Path(path).parent / spec.stats_file
-    if not stats_path.is_file():
-        raise FileNotFoundError(f"{stats_path} not found: latent space {name!r} needs the per-channel latent "
-                                f"statistics published with its checkpoint ({spec.stats_file}, a dict of 'mean' "
-                                "and 'std' tensors); put that file beside the checkpoint")
-    stats = torch.load(stats_path, map_location="cpu", weights_only=True)
+    spec = spec_of(name)
     if not isinstance(stats, dict) or not {"mean", "std"} <= set(stats):
-        raise ValueError(f"{stats_path} must hold a dict with 'mean' and 'std' tensors (LightningDiT's layout)")
+        raise ValueError(f"{source} must hold a dict with 'mean' and 'std' tensors (LightningDiT's layout)")
     mean, std = (torch.as_tensor(stats[k], dtype=torch.float64).flatten() for k in ("mean", "std"))
     if mean.numel() != spec.channels or std.numel() != spec.channels:
-        raise ValueError(f"{stats_path} has {mean.numel()} means and {std.numel()} stds but latent space {name!r} "
-                         f"has {spec.channels} channels; use the statistics file of this VAE")
+        raise ValueError(f"{source} has {mean.numel()} means and {std.numel()} stds but latent space {name!r} has "
+                         f"{spec.channels} channels; use the statistics file of this VAE")
     if not bool((std > 0).all()):
-        raise ValueError(f"{stats_path} has a std that is not positive; it cannot normalise latents")
+        raise ValueError(f"{source} has a std that is not positive; it cannot normalise latents")
     return tuple((spec.scale / std).tolist()), tuple(mean.tolist())
+
+
+def _channel_stats(name: str, spec: LatentSpec, path: str | None, cache: str | None) -> tuple[Stat, Stat]:
+    """The published file beside the checkpoint; else the one `usp cache-latents` wrote into the cache folder."""
+    from usp.latent.stats import STATS_FILE
+
+    candidates = ([Path(path).parent / spec.stats_file] if path else []) + ([Path(cache) / STATS_FILE] if cache else [])
+    stats_path = next((p for p in candidates if p.is_file()), None)
+    if stats_path is None:
+        looked = " or ".join(map(str, candidates)) or "no latent.path or latent.cache to look in"
+        raise FileNotFoundError(
+            f"latent space {name!r} has no per-channel statistics ({looked} not found): put the {spec.stats_file} "
+            "published with the checkpoint beside it, or set latent.cache and run `usp cache-latents`, which "
+            "computes them there")
+    return channel_norm(name, torch.load(stats_path, map_location="cpu", weights_only=True), stats_path)
 
 
 def _config_norm(name: str, path: str) -> tuple[Stat, Stat]:
@@ -153,14 +174,15 @@ def _config_norm(name: str, path: str) -> tuple[Stat, Stat]:
     return factor, float(config.get("shift_factor") or 0.0)
 
 
-def scale_and_shift(name: str, path: str | None = None) -> tuple[Stat, Stat]:
+def scale_and_shift(name: str, path: str | None = None, cache: str | None = None) -> tuple[Stat, Stat]:
     """The normalisation of a space without loading its VAE (enough to read a latent cache): (scale, shift),
-    each one number or one per channel."""
+    each one number or one per channel. cache: the latent cache folder, where per-channel statistics are looked
+    for when none are published beside the checkpoint (usp.latent.stats)."""
     spec = spec_of(name)
     if spec.norm == "constant":
         return spec.scale, spec.shift
     if spec.norm == "channel_stats":
-        return _channel_stats(name, spec, path)
+        return _channel_stats(name, spec, path, cache)
     if spec.norm == "vae_config":
         return _config_norm(name, path or spec.default_path)
     if path is None:
@@ -186,7 +208,6 @@ def moments_to_latents(moments: torch.Tensor, scale: Stat, shift: Stat,
 
 
 VaePrecision = Literal["fp32", "bf16", "fp16"]
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class LatentSpace(nn.Module):
@@ -199,7 +220,7 @@ class LatentSpace(nn.Module):
     oneDNN kernels); it changes no value beyond float rounding.
     """
 
-    def __init__(self, name: str, vae: nn.Module, scale: Stat, shift: Stat = 0.0, *,
+    def __init__(self, name: str, vae: nn.Module, scale: Stat | None, shift: Stat | None = 0.0, *,
                  precision: VaePrecision | None = None, channels_last: bool = False):
         super().__init__()
         self.name, self.vae, self.scale, self.shift = name, vae.eval().requires_grad_(False), scale, shift
@@ -214,7 +235,7 @@ class LatentSpace(nn.Module):
 
     def set_speed(self, precision: VaePrecision | None = None, channels_last: bool = False) -> LatentSpace:
         """Choose the VAE's compute precision and memory layout (see the class docstring)."""
-        if precision not in (None, "fp32", *_DTYPES):
+        if precision not in (None, *AUTOCAST_DTYPES):
             raise ValueError(f"VAE precision must be None, 'fp32', 'bf16' or 'fp16', got {precision!r}")
         self.precision, self.channels_last = precision, channels_last
         if channels_last:
@@ -229,12 +250,16 @@ class LatentSpace(nn.Module):
             return images, contextlib.nullcontext()
         if self.precision == "fp32":
             return images, torch.autocast(images.device.type, enabled=False)  # exact even inside a caller's autocast
-        return images, torch.autocast(images.device.type, dtype=_DTYPES[self.precision])
+        return images, torch.autocast(images.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
     @classmethod
-    def load(cls, name: str, path: str | None = None, *, precision: VaePrecision | None = None,
-             channels_last: bool = False) -> LatentSpace:
-        """Load the VAE of latent space `name` from `path` (a hub id, a diffusers folder or a checkpoint)."""
+    def load(cls, name: str, path: str | None = None, *, cache: str | None = None,
+             precision: VaePrecision | None = None, channels_last: bool = False) -> LatentSpace:
+        """Load the VAE of latent space `name` from `path` (a hub id, a diffusers folder or a checkpoint).
+
+        cache: the latent cache folder, where per-channel statistics are read when none are published beside the
+        checkpoint; while it has none yet (the cache is being built), the space loads without them and only
+        normalising or decoding is refused."""
         from diffusers import AutoencoderKL
 
         spec = spec_of(name)
@@ -265,7 +290,13 @@ class LatentSpace(nn.Module):
                         f"cannot load the VAE {path!r} of latent space {name!r} ({str(err).splitlines()[0]}). "
                         "Without network: run `usp fetch RECIPE --cache DIR` on a connected machine and set "
                         "HF_HOME=DIR/hf here, or set latent.path to a local diffusers folder of this VAE") from err
-        return cls(name, vae, *scale_and_shift(name, path), precision=precision, channels_last=channels_last)
+        try:
+            scale, shift = scale_and_shift(name, path, cache)
+        except FileNotFoundError:
+            if cache is None or spec.norm != "channel_stats":
+                raise
+            scale, shift = None, None  # encoding raw moments needs none; usp.latent.stats computes them
+        return cls(name, vae, scale, shift, precision=precision, channels_last=channels_last)
 
     def check_image_size(self, image_size: int) -> int:
         """The latent side for `image_size`, or a ValueError naming the fix."""

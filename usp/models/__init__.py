@@ -5,8 +5,9 @@ classifier of the same encoder), `dit_xl_2`, `sit_xl_2`. Sizes come from one tab
 size is the one over latents (2 for SD-VAE f8 latents, 1 for f16 latents such as KL-16).
 
 Files: vit.py (shared blocks, position embeddings, the classifier), mae.py (the pretraining model), dit.py
-(DiT/SiT), transfer.py (pretrained weights -> DiT/SiT/ViT, with a report). May import: torch, timm,
-safetensors; nothing else of usp (models know nothing of files of a run, data or distributed training).
+(DiT/SiT), lightningdit.py (LightningDiT: RMSNorm, SwiGLU, 2-D RoPE; its encoder block), transfer.py (pretrained
+weights -> DiT/SiT/ViT, with a report). May import: torch, timm, safetensors; nothing else of usp (models know
+nothing of files of a run, data or distributed training).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from functools import partial
 import torch.nn as nn
 
 from usp.models.dit import DiT
+from usp.models.lightningdit import LightningDiT
 from usp.models.mae import PAPER_DECODER, SMALL_DECODER, MaskedLatentAutoencoder
 from usp.models.vit import VisionTransformer
 
@@ -42,6 +44,9 @@ SIZES: dict[str, ModelSize] = {
 # 2 for SD-VAE f8 latents (the paper's /2 models), 4 and 8 for coarse ablations (DiT only).
 ENCODER_PATCH_SIZES = (1, 2, 4)
 DIT_PATCH_SIZES = (1, 2, 4, 8)
+# LightningDiT: the official B/L/XL at patch 1 (VA-VAE f16 latents) and 2, and the tiny size for tests and the demo.
+LIGHTNING_SIZES = ("t", "b", "l", "xl")
+LIGHTNING_PATCH_SIZES = (1, 2)
 
 # SiT differs from DiT only in its default flags: same network and checkpoint layout (learn_sigma=True,
 # 8 output channels), but forward returns the first in_channels channels, as SiT's own model does.
@@ -54,7 +59,12 @@ FAMILIES = {
     "vit_cls": "ViT classifier over latents (linear probe / fine-tuning), same encoder as vit_*",
     "dit": "DiT (adaLN-Zero, DDPM with learned sigma)",
     "sit": "SiT (DiT network, transport objective)",
+    "lightningdit": "LightningDiT (SwiGLU, RMSNorm, 2-D RoPE; transport objective)",
+    "vit_lightning": "USP pretraining model whose encoder has LightningDiT's blocks (transfers into lightningdit_*)",
 }
+# The options LightningDiT's released VA-VAE models use (configs/lightningdit_xl_vavae_f16d32.yaml); the encoder of
+# vit_*_lightning uses the same, so that every block parameter has a counterpart.
+LIGHTNING_OPTIONS: dict[str, bool] = {"use_qknorm": False, "use_swiglu": True, "use_rope": True, "use_rmsnorm": True}
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,12 @@ def _pretraining_model(size: str, patch_size: int, **overrides) -> MaskedLatentA
     return MaskedLatentAutoencoder(**{**kwargs, **overrides})
 
 
+def _lightning_pretraining_model(size: str, patch_size: int, **overrides) -> MaskedLatentAutoencoder:
+    """overrides may name the block options (use_swiglu, ...) beside the constructor's arguments."""
+    options = {k: overrides.pop(k, v) for k, v in LIGHTNING_OPTIONS.items()}
+    return _pretraining_model(size, patch_size, block_options=options, **overrides)
+
+
 def _classifier(size: str, patch_size: int, **overrides) -> VisionTransformer:
     s = SIZES[size]
     kwargs = dict(patch_size=patch_size, embed_dim=s.width, depth=s.depth, num_heads=s.heads)
@@ -88,6 +104,12 @@ def _generator(family: str, size: str, patch_size: int, **overrides) -> DiT:
     s = SIZES[size]
     kwargs = dict(hidden_size=s.width, depth=s.depth, num_heads=s.heads, patch_size=patch_size)
     return DiT(**{**kwargs, **GENERATOR_DEFAULTS[family], **overrides})
+
+
+def _lightningdit(size: str, patch_size: int, **overrides) -> LightningDiT:
+    s = SIZES[size]
+    kwargs = dict(hidden_size=s.width, depth=s.depth, num_heads=s.heads, patch_size=patch_size, **LIGHTNING_OPTIONS)
+    return LightningDiT(**{**kwargs, **overrides})
 
 
 def _entries() -> dict[str, ModelEntry]:
@@ -102,6 +124,11 @@ def _entries() -> dict[str, ModelEntry]:
         for size in SIZES:
             entries += [ModelEntry(f"{family}_{size}_{p}", family, size, p, partial(_generator, family, size, p))
                         for p in DIT_PATCH_SIZES]
+    for size in LIGHTNING_SIZES:
+        entries += [ModelEntry(f"lightningdit_{size}_{p}", "lightningdit", size, p, partial(_lightningdit, size, p))
+                    for p in LIGHTNING_PATCH_SIZES]
+        entries += [ModelEntry(f"vit_{size}_{p}_lightning", "vit_lightning", size, p,
+                               partial(_lightning_pretraining_model, size, p)) for p in LIGHTNING_PATCH_SIZES]
     return {entry.name: entry for entry in entries}
 
 
@@ -109,7 +136,7 @@ REGISTRY: dict[str, ModelEntry] = _entries()
 
 
 def list_models(family: str | None = None) -> list[str]:
-    """Registered names, optionally of one family (vit, vit_cls, dit, sit)."""
+    """Registered names, optionally of one family (vit, vit_cls, dit, sit, lightningdit, vit_lightning)."""
     return [name for name, entry in REGISTRY.items() if family is None or entry.family == family]
 
 
@@ -137,5 +164,5 @@ def classifier_for(name: str) -> str:
                 if e.family == "vit_cls" and e.size == entry.size and e.patch_size == entry.patch_size)
 
 
-__all__ = ["REGISTRY", "SIZES", "DiT", "MaskedLatentAutoencoder", "ModelEntry", "ModelSize", "VisionTransformer",
-           "classifier_for", "create_model", "list_models", "model_entry"]
+__all__ = ["REGISTRY", "SIZES", "DiT", "LightningDiT", "MaskedLatentAutoencoder", "ModelEntry", "ModelSize",
+           "VisionTransformer", "classifier_for", "create_model", "list_models", "model_entry"]

@@ -201,6 +201,10 @@ class DiT(nn.Module):
         """Channels `forward` returns: out_channels, or only the first in_channels when not output_sigma."""
         return self.out_channels if self.output_sigma else self.in_channels
 
+    def run_block(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """One block on (N, L, D) tokens; LightningDiT overrides it to hand its blocks the RoPE tables."""
+        return block(x, c)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
                 return_hidden: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x: (N, C, H, W) latents, t: (N,) time (int or float), y: (N,) long labels -> (N, C_ret, H, W).
@@ -215,7 +219,7 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         hidden = None
         for i, block in enumerate(self.blocks):
-            x = block(x, c)  # (N, L, D)
+            x = self.run_block(block, x, c)  # (N, L, D)
             if i + 1 == return_hidden:
                 hidden = x
         x = self.final_layer(x, c)  # (N, L, p*p*C_out)

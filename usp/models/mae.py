@@ -4,6 +4,11 @@ The encoder sees the visible 1 − mask_ratio of the latent patches (plus a cls 
 decoder fills in mask tokens and predicts every patch; the loss is the MSE on masked patches only,
 against per-patch normalised targets (MAE's norm-pix loss). State-dict keys are those of the
 official MAE / USP checkpoints, so they load with `strict=True`.
+
+`block_options` builds the encoder from LightningDiT's parts instead (usp.models.lightningdit.EncoderBlock: RMSNorm,
+SwiGLU, 2-D RoPE, qk-norm, as `use_*` keys), so that its blocks transfer one for one into a LightningDiT. RoPE then
+rotates each kept token by its own grid position (the tables are gathered by the kept indices), and the cls token
+by none (identity rotation), as EVA-02 leaves its cls token unrotated. The decoder stays MAE's (it is discarded).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from usp.models.lightningdit import EncoderBlock, RMSNorm, VisionRoPE
 from usp.models.vit import (
     LAYER_NORM_EPS,
     Block,
@@ -67,6 +73,7 @@ class MaskedLatentAutoencoder(nn.Module):
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
+        block_options: dict[str, bool] | None = None,
     ):
         super().__init__()
         if latent_size % patch_size:
@@ -80,8 +87,17 @@ class MaskedLatentAutoencoder(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid, cls_token=True)[None], requires_grad=False)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.block_options = dict(block_options or {})
+        if block_options is None:
+            self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+            self.rope = None
+        else:
+            options = {k: v for k, v in self.block_options.items() if k != "use_rope"}
+            self.blocks = nn.ModuleList([EncoderBlock(embed_dim, num_heads, mlp_ratio, **options)
+                                         for _ in range(depth)])
+            self.rope = VisionRoPE(embed_dim // num_heads, grid) if self.block_options.get("use_rope") else None
+        rms = self.block_options.get("use_rmsnorm", False)
+        self.norm = RMSNorm(embed_dim) if rms else nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
 
         # Light decoder (discarded after pretraining).
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
@@ -113,9 +129,18 @@ class MaskedLatentAutoencoder(nn.Module):
         x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (N, L_keep, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (N, 1+L_keep, D)
+        rope = None if self.rope is None else self.kept_rope(ids_restore, x.shape[1] - 1)
         for block in self.blocks:
-            x = block(x)
+            x = block(x) if isinstance(block, Block) else block(x, rope)
         return self.norm(x), mask, ids_restore
+
+    def kept_rope(self, ids_restore: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables of [cls, kept tokens]: (N, 1+L_keep, head_dim) each; the cls row is the identity rotation.
+
+        The kept tokens are the first len_keep of the shuffle that ids_restore undoes (random_masking's order)."""
+        ids_keep = torch.argsort(ids_restore, dim=1)[:, :len_keep]  # (N, L_keep) grid positions
+        cos, sin = self.rope.tables(ids_keep)  # each (N, L_keep, head_dim)
+        return torch.cat([torch.ones_like(cos[:, :1]), cos], 1), torch.cat([torch.zeros_like(sin[:, :1]), sin], 1)
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """x: (N, 1+L_keep, D) -> predicted patches (N, L, p*p*C) for every position."""

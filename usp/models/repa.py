@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -153,34 +154,30 @@ def load_teacher_weights(encoder: nn.Module, state_dict: dict[str, torch.Tensor]
     encoder.load_state_dict(state, strict=True, assign=assign)
 
 
-def load_teacher(name: str = DEFAULT_TEACHER, weights: str | None = None, img_size: int | None = None,
-                 device: torch.device | str = "cpu") -> Teacher:
-    """The frozen teacher `name` (a timm ViT) with its weights from `weights`:
-    a local .safetensors / .pt / .pth file (torch.load weights_only=True; a safetensors file may name extra timm
-    constructor arguments in its metadata key "timm_kwargs", for small stand-in teachers), or "timm" / an
-    "hf-hub:<id>" to use timm's own pretrained download (needs network access once)."""
+def load_teacher(name: str = DEFAULT_TEACHER, weights: str | Mapping[str, torch.Tensor] | None = None,
+                 img_size: int | None = None, device: torch.device | str = "cpu", *, timm_kwargs: dict | None = None,
+                 source: str = "state dict") -> Teacher:
+    """The frozen teacher `name` (a timm ViT) with `weights`: a state dict in timm's layout (a file is read by
+    `usp.run.weights`; `timm_kwargs` are extra constructor arguments, for small stand-in teachers), or "timm" /
+    an "hf-hub:<id>" to use timm's own pretrained download (needs network access once)."""
     if weights is None:
         raise ValueError("repa.teacher_weights is not set: a random teacher aligns to noise; give a weights file, or "
                          "'timm' to download the pretrained weights of repa.teacher")
-    if weights == "timm" or weights.startswith("hf-hub:"):
+    if isinstance(weights, str):
+        if weights != "timm" and not weights.startswith("hf-hub:"):
+            raise ValueError(f"teacher weights {weights!r}: a file is read by usp.run.weights.load_weights and its "
+                             "state dict passed here; a string names timm's download ('timm' or 'hf-hub:<id>')")
         import timm
 
         overlay = {"hf_hub_id": weights.removeprefix("hf-hub:")} if weights != "timm" else None
         encoder = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay,
                                     **({"img_size": img_size} if img_size else {}))
         return Teacher(encoder, name).to(device)
-    from usp.models.transfer import load_state_dict_file
-
-    path, kwargs = Path(weights), {}
-    if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            kwargs = json.loads((f.metadata() or {}).get("timm_kwargs", "{}"))
+    kwargs = dict(timm_kwargs or {})
     if img_size is not None:  # the recipe's resolution wins over the file's (the position table is resampled)
         kwargs["img_size"] = img_size
     encoder = build_teacher_encoder(name, **kwargs)
-    load_teacher_weights(encoder, load_state_dict_file(path), str(path))
+    load_teacher_weights(encoder, dict(weights), source)
     return Teacher(encoder, name).to(device)
 
 

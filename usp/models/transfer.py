@@ -13,15 +13,14 @@ What goes where:
             reads the cls token; with global pooling `fc_norm` and `head` are new and `norm` is ignored.
 
 Nothing is loaded with strict=False: the target's full state dict is assembled here and loaded strictly,
-and every key of both sides ends up in exactly one list of the returned `TransferReport`.
+and every key of both sides ends up in exactly one list of the returned `TransferReport`. Transfer takes a
+state dict: reading (and verifying) a weights file is `usp.run.weights`, so models know no file layout.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -33,13 +32,12 @@ import torch.nn as nn
 from usp.models.dit import DiT
 from usp.models.vit import VisionTransformer, resize_pos_embed
 
-WRAPPER_KEYS = ("ema", "model", "state_dict")  # EMA first, as DiT's sampler picks it when both exist
-STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 INTERPOLATIONS = ("bicubic", "bilinear")
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # Parameters of an encoder block that a downstream block can take over (adaLN_modulation is DiT's own).
-_BLOCK_PARAMS = re.compile(r"^(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
+# LightningDiT's blocks add qk-norms and SwiGLU's w12/w3 (usp.models.lightningdit), transferred from its encoder block.
+_BLOCK_PARAMS = re.compile(
+    r"^(norm1|norm2|attn\.qkv|attn\.proj|attn\.q_norm|attn\.k_norm|mlp\.fc1|mlp\.fc2|mlp\.w12|mlp\.w3)\.(weight|bias)$")
 
 
 @dataclass
@@ -79,90 +77,6 @@ def _fold(keys: list[str]) -> str:
         pattern = _BLOCK_KEY.sub(r"blocks.*.\2", key)
         counts[pattern] = counts.get(pattern, 0) + 1
     return ", ".join(p if n == 1 else f"{p} (x{n})" for p, n in counts.items())
-
-
-# --------------------------------------------------------------------------------------------
-# Reading checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def unwrap_state_dict(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
-    """A checkpoint dict -> a flat {key: tensor} state dict.
-
-    Takes the first of 'ema', 'model', 'state_dict' that holds a mapping (MAE/USP checkpoints wrap the
-    weights under 'model', DiT training checkpoints under 'model' and 'ema'), then strips a leading
-    'module.' (DDP) or '_orig_mod.' (torch.compile) from every key.
-    """
-    for wrapper in WRAPPER_KEYS:
-        if isinstance(checkpoint.get(wrapper), Mapping):
-            checkpoint = checkpoint[wrapper]  # type: ignore[assignment]
-            break
-    state: dict[str, torch.Tensor] = {}
-    for key, value in checkpoint.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor; expected a state "
-                             f"dict, or a checkpoint holding one under one of {WRAPPER_KEYS}")
-        for prefix in STRIPPED_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        state[key] = value
-    return state
-
-
-_WEIGHTS_FILE = re.compile(r"weights_(\d+)\.safetensors$")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A weights argument (model.init, `usp sample`/`reconstruct` weights) -> one file. Accepted: a file; a run
-    folder (its latest exported `checkpoints/weights_*.safetensors`); `RUN/latest`; a checkpoints folder.
-    "Latest" is the highest step in the file name, as the engine's checkpoints are named."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path
-    folder = path.parent if path.name == "latest" else path
-    if not folder.is_dir():
-        raise FileNotFoundError(f"weights {path} does not exist: give a weights file, a run folder or RUN/latest")
-    looked = [folder / "checkpoints", folder]
-    for candidate in looked:
-        found = sorted((int(m.group(1)), p) for p in candidate.glob("weights_*.safetensors")
-                       if (m := _WEIGHTS_FILE.fullmatch(p.name)))
-        if found:
-            return found[-1][1]
-    raise FileNotFoundError(f"no weights in {folder}: looked for weights_<step>.safetensors in "
-                            f"{' and '.join(map(str, looked))}; has the run exported weights yet (train.ckpt_every)?")
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read weights from .safetensors or .pt/.pth/.bin on the CPU, unwrapped as above.
-
-    Pickles load with weights_only=True; argparse.Namespace is allowed too, because MAE/USP and DiT
-    training checkpoints store their command-line arguments beside the weights.
-    """
-    path = resolve_checkpoint(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return unwrap_state_dict(load_file(str(path), device="cpu"))
-        except SafetensorError as err:  # truncated, corrupt, or not a safetensors file at all
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); point model.init at the "
-                             "weights file a run wrote (runs/<name>/checkpoints/weights_*.safetensors)") from err
-    if path.suffix in CHECKPOINT_SUFFIXES:
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            # torch's message is a page of advice; the line that matters names the refused object.
-            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-            what = f"a {refused.group(1)}" if refused else "objects"
-            raise ValueError(f"{path} holds {what} that weights_only loading refuses; re-save its state dict "
-                             "alone, e.g. as .safetensors") from err
-        except Exception as err:  # noqa: BLE001  not a torch file or truncated: the unpickler fails in many ways
-            raise ValueError(f"{path} is not a readable torch checkpoint ({err}); check the file, or re-download "
-                             "it") from err
-        return unwrap_state_dict(checkpoint)
-    raise ValueError(f"cannot read checkpoint {path}: suffix {path.suffix!r} is not one of {CHECKPOINT_SUFFIXES}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +145,7 @@ def transfer_weights(
 ) -> TransferReport:
     """Load pretrained MAE-layout weights into a `DiT` or `VisionTransformer`, in place.
 
-    source_state: a flat state dict or a checkpoint wrapping one (see `unwrap_state_dict`).
+    source_state: a flat state dict (`usp.run.weights.load_weights` reads one from any checkpoint file).
     num_blocks: take over only the first N encoder blocks (default: the target's depth); the target's
         later blocks keep their fresh initialisation.
     interpolation: 'bicubic' (USP, MAE and DeiT's choice) or 'bilinear', for a position grid that differs.
@@ -241,7 +155,7 @@ def transfer_weights(
         raise TypeError(f"transfer target must be a DiT or a VisionTransformer, got {type(target).__name__}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    source = unwrap_state_dict(source_state)
+    source = dict(source_state)
     depth = len(target.blocks)
     num_blocks = depth if num_blocks is None else num_blocks
     if not 0 <= num_blocks <= depth:
@@ -257,7 +171,9 @@ def transfer_weights(
     plan = _plan(target, list(state), num_blocks)
     for target_key, source_key in plan.items():
         if source_key not in source:
-            raise ValueError(f"source state has no {source_key!r} (needed for the target's {target_key!r})")
+            hint = ("; LightningDiT's SwiGLU/qk-norm blocks transfer from USP's vit_*_lightning encoder, not a plain "
+                    "ViT" if re.search(r"mlp\.w12|mlp\.w3|_norm\.", source_key) else "")
+            raise ValueError(f"source state has no {source_key!r} (needed for the target's {target_key!r}){hint}")
         _check_shape(target_key, source_key, source[source_key], state[target_key])
         state[target_key] = source[source_key]
         used.add(source_key)

@@ -17,45 +17,26 @@ import torch
 from tqdm import tqdm
 
 from usp.config import GenerationConfig
-from usp.diffusion import create_diffusion, create_transport, ddim_sample_loop, p_sample_loop, sample_ode, sample_sde
+from usp.diffusion import build_objective
+from usp.diffusion.time import in_sit_time
 from usp.models.dit import DiT
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a `generation.amp` choice on `device`; None = fp32 (no autocast)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return AMP_DTYPES.get(amp)
-
-
-# DiT's training diffusion has T = 1000 steps (DDPM §4); a respaced sampler hands the model these original steps.
-DDPM_TIMESTEPS = 1000
-
-
-def noise_level(t: torch.Tensor, method: str, num_timesteps: int = DDPM_TIMESTEPS) -> torch.Tensor:
-    """The noise level t_noise ∈ [0, 1] (1 = pure noise, 0 = data) of the time `t` a sampler hands the model.
-
-    t: (N,). method 'ddpm': t is the original DDPM timestep {0, …, T−1} (also after respacing), t_noise = t / T;
-    'transport': t is SiT time (0 = noise, 1 = data, docs/conventions.md), t_noise = 1 − t. Returns (N,) float64,
-    so that e.g. timestep 700 gives exactly the float 0.7 an interval bound is written as.
-    """
-    if method == "ddpm":
-        return t.to(torch.float64) / num_timesteps
-    if method == "transport":
-        return 1.0 - t.to(torch.float64)
-    raise ValueError(f"method must be 'ddpm' or 'transport', got {method!r}")
+from usp.run.runtime import autocast_dtype
 
 
 def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_channels: int | None,
                     amp: torch.dtype | None = None, *, interval: tuple[float, float] | None = None,
-                    method: str = "ddpm") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """model_fn(x, t) for samplers: conditional on `labels`, with classifier-free guidance when scale ≠ 1.
+                    noise_level: Callable[[torch.Tensor], torch.Tensor] | None = None, time: str = "sit",
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """model_fn(x, t) for samplers: conditional on `labels`, with classifier-free guidance when scale > 1.
 
-    interval: guide only the calls whose noise level `noise_level(t, method)` lies in [low, high], both ends
-    included (REPA's check); every other call runs the conditional model alone, on the batch as given, without
-    the unconditional half (Kynkäänniemi et al. 2024, "guidance interval"). None guides every call.
+    Guidance is off for cfg_scale ≤ 1, as in DiT's, SiT's, REPA's and LightningDiT's samplers (`using_cfg =
+    cfg_scale > 1`). time: the time the network was trained in ('sit' or 'repa', usp.diffusion.time); the sampler
+    always speaks SiT time, the wrapped network its own.
+
+    interval: guide only the calls whose noise level `noise_level(t)` (the objective's map from the sampler's
+    time, 1 = pure noise, 0 = data) lies in [low, high], both ends included (REPA's check); every other call
+    runs the conditional model alone, on the batch as given, without the unconditional half (Kynkäänniemi et al.
+    2024, "guidance interval"). None guides every call.
     amp: run the network under autocast of this dtype and hand the sampler float32 (its state and noise stay
     float32, so only the network's rounding changes); None runs it as called.
     """
@@ -63,27 +44,31 @@ def guided_model_fn(model: DiT, labels: torch.Tensor, cfg_scale: float, guided_c
         low, high = interval
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"guidance interval must be [low, high] with 0 <= low <= high <= 1, got {interval}")
-    null = torch.full_like(labels, model.null_label) if cfg_scale != 1.0 else None
+        if noise_level is None:
+            raise ValueError("a guidance interval needs the objective's noise_level (its time -> noise level map)")
+    null = torch.full_like(labels, model.null_label) if cfg_scale > 1.0 else None
+    net = in_sit_time(model, time)
+    net_cfg = in_sit_time(model.forward_with_cfg, time) if null is not None else None
 
     def cfg(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_null: torch.Tensor) -> torch.Tensor:
-        return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale,
-                                      guided_channels)[: x.shape[0]]
+        return net_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale,
+                       guided_channels)[: x.shape[0]]
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if null is None:
-            return model(x, t, labels)
+            return net(x, t, labels)
         if interval is None:
             return cfg(x, t, labels, null)
-        level = noise_level(t, method)
+        level = noise_level(t)
         inside = (level >= interval[0]) & (level <= interval[1])  # (N,) bool
         # One host sync per call (the samplers give every sample the same t): the branch sets the batch size.
         if bool(inside.all()):
             return cfg(x, t, labels, null)
         if not bool(inside.any()):
-            return model(x, t, labels)
+            return net(x, t, labels)
         out = torch.empty((x.shape[0], model.num_output_channels, *x.shape[2:]), device=x.device, dtype=x.dtype)
         out[inside] = cfg(x[inside], t[inside], labels[inside], null[inside]).to(x.dtype)
-        out[~inside] = model(x[~inside], t[~inside], labels[~inside]).to(x.dtype)
+        out[~inside] = net(x[~inside], t[~inside], labels[~inside]).to(x.dtype)
         return out
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -119,18 +104,11 @@ def sample_latents(model: DiT, gen: GenerationConfig, labels: torch.Tensor, seed
     device = next(model.parameters()).device
     generators = sample_generators(seeds, device)
     noise = torch.stack([torch.randn(latent_shape, generator=g, device=device) for g in generators])
+    objective = build_objective(gen)
     model_fn = guided_model_fn(model, labels.to(device), gen.cfg_scale, gen.guided_channels,
-                               amp_dtype(gen.amp, device), interval=gen.guidance_interval, method=gen.method)
-    if gen.method == "ddpm":
-        diffusion = create_diffusion(gen.sample_steps, learn_sigma=gen.learn_sigma, num_timesteps=DDPM_TIMESTEPS)
-        if gen.sampler == "ddim":
-            return ddim_sample_loop(diffusion, model_fn, noise, progress=progress, generator=generators)
-        return p_sample_loop(diffusion, model_fn, noise, progress=progress, generator=generators)
-    transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps)
-    if gen.sampler == "sde":
-        return sample_sde(transport, model_fn, noise, num_steps=int(gen.sample_steps), generator=generators)[0]
-    steps = 50 if gen.ode_method == "dopri5" or not gen.sample_steps.isdigit() else int(gen.sample_steps)
-    return sample_ode(transport, model_fn, noise, method=gen.ode_method, num_steps=steps)[0]
+                               autocast_dtype(gen.amp, device), interval=gen.guidance_interval,
+                               noise_level=objective.noise_level, time=gen.time)
+    return objective.sample(model_fn, noise, generator=generators, progress=progress)
 
 
 def sample_images(model: DiT, decode: Callable[[torch.Tensor], torch.Tensor], gen: GenerationConfig,

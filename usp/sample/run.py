@@ -1,5 +1,6 @@
-"""`usp sample`: load a generator (ours, a public DiT/SiT checkpoint, or USP's fine-tuned weights), draw
-class-conditional samples sharded across torchrun ranks, write ADM's NPZ and a PNG grid."""
+"""`usp sample`: the generator of a recipe (`build_generator`, also what generation training trains), loaded
+from weights (ours, a public DiT/SiT checkpoint, or USP's fine-tuned weights); class-conditional samples
+sharded across torchrun ranks, written as ADM's NPZ and a PNG grid. Imports no training code."""
 
 from __future__ import annotations
 
@@ -8,13 +9,29 @@ from pathlib import Path
 import torch
 
 from usp.config import Config, config_from_dict
-from usp.latent.vae import LatentSpace
+from usp.latent.vae import LatentSpace, spec_of
+from usp.models import create_model, model_entry
 from usp.models.dit import DiT
-from usp.models.transfer import load_state_dict_file
+from usp.models.repa import strip_projectors
+from usp.run.runtime import setup_runtime
+from usp.run.weights import load_strict, load_weights
 from usp.sample.guided import sample_sharded, save_grid
-from usp.train.checkpoint import load_strict, load_weights
-from usp.train.engine import setup_runtime
-from usp.train.tasks.generation import build_generator
+
+GENERATOR_FAMILIES = ("dit", "sit", "lightningdit")
+
+
+def build_generator(config: Config) -> DiT:
+    """The registered DiT/SiT/LightningDiT of model.name, sized for the recipe's latent space and image size."""
+    spec = spec_of(config.latent.space)
+    lightning = model_entry(config.model.name, GENERATOR_FAMILIES).family == "lightningdit"
+    if lightning and config.model.affine_norms:
+        raise ValueError("model.affine_norms is USP's DiT/SiT block; LightningDiT's norms are learnable with "
+                         "model.use_rmsnorm (its default): remove model.affine_norms")
+    block = config.model.block_options() if lightning else {"affine_norms": config.model.affine_norms}
+    return create_model(config.model.name, GENERATOR_FAMILIES, input_size=config.data.image_size // spec.factor,
+                        in_channels=spec.channels, num_classes=config.model.num_classes,
+                        class_dropout_prob=config.model.class_dropout, learn_sigma=config.generation.learn_sigma,
+                        **block)
 
 
 def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model_name: str | None = None
@@ -22,7 +39,11 @@ def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model
     """Our `weights_*.safetensors` carry their recipe; anything else (a public DiT/SiT `.pt`, USP's
     fine-tuned weights) needs `model_name` and recipe overrides for the latent space and sizes."""
     path = Path(weights)
-    meta = load_weights(path)[1] if path.suffix == ".safetensors" else {}
+    if path.is_dir():  # an exported or public diffusers folder (resolve_weights returns it as is)
+        from usp.sample.diffusers import load_diffusers_generator
+
+        return load_diffusers_generator(path, overrides, model_name)
+    state, meta = load_weights(path)  # read once: the weights and, for ours, the recipe they were trained with
     if meta.get("config"):
         if meta.get("task") != "finetune":
             raise ValueError(f"{path} holds {meta.get('task')} weights; sampling needs a `usp finetune` checkpoint")
@@ -35,10 +56,11 @@ def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model
                              "such as data.image_size=256 model.affine_norms=true for USP's fine-tuned weights")
         # SiT's defaults sit under the overrides (a layer of their own), so a generation.preset given there wins
         method = {"generation": {"method": "transport", "sampler": "ode"}} if model_name.startswith("sit") else {}
+        if model_name.startswith("lightningdit"):  # velocity only: LightningDiT's checkpoints have no sigma channels
+            method = {"generation": {"method": "transport", "sampler": "ode", "learn_sigma": False}}
         config = config_from_dict(method, [*overrides, f"model.name={model_name}"])
     model = build_generator(config)
-    state = load_weights(path)[0] if path.suffix == ".safetensors" else load_state_dict_file(path)
-    load_strict(model, state, str(path))
+    load_strict(model, strip_projectors(state), str(path))  # REPA's projector is a training-time head
     return model.eval(), config
 
 
@@ -48,7 +70,7 @@ def run_sampling(weights: str | Path, overrides: list[str] | tuple = (), out_dir
     model, config = load_generator(weights, overrides, model_name)
     runtime = setup_runtime(config.run.device)
     model.to(runtime.device)
-    latent = LatentSpace.load(config.latent.space, config.latent.path).to(runtime.device)
+    latent = LatentSpace.load(config.latent.space, config.latent.path, cache=config.latent.cache).to(runtime.device)
     side = latent.check_image_size(config.data.image_size)
     out = Path(out_dir) if out_dir else Path(weights).parent.parent / f"samples_{num_samples}"
     npz = sample_sharded(model, latent.decode, config.generation, out, num_samples, seed, config.model.num_classes,

@@ -1,6 +1,7 @@
 """Training: the one engine (`engine.py`: distribution, AMP, accumulation, clipping, EMA, logging,
-checkpoints, exact resume), optimisers and schedules (`optim.py`), the checkpoint format (`checkpoint.py`),
-and the tasks it trains (`tasks/`: pretrain, vae, generation, classification).
+checkpoints, exact resume), optimisers and schedules (`optim.py`), what a run shows as it goes (`log.py`,
+`curve.py`), and the tasks it trains (`tasks/`: pretrain, vae, generation, classification). The run folder's
+formats (checkpoints, weights, log.jsonl, runtime) are `usp.run`'s.
 
-May import: config, data, latent, models, diffusion, evaluate, sample.guided. Never demo or cli.
+May import: config, run, data, latent, models, diffusion, evaluate, sample. Never demo or cli.
 """

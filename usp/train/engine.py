@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 from usp import RunError
 from usp.config import Config, TrainConfig, save_config
 from usp.data.sampler import DataStream, ResumableSampler, SeededDataset
-from usp.train import checkpoint as ckpt
-from usp.train.checkpoint import RunLock
-from usp.train.dist import (
+from usp.run import checkpoint as ckpt
+from usp.run.checkpoint import RunLock
+from usp.run.log import read_log
+from usp.run.runtime import (
     Runtime,
     autocast_dtype,
     barrier,
@@ -38,7 +39,7 @@ from usp.train.dist import (
     wrap_model,
 )
 from usp.train.flops import device_peak_flops, mfu, training_flops_per_sample
-from usp.train.log import RunLog, read_log
+from usp.train.log import RunLog
 from usp.train.optim import apply_lr, build_optimizer, lr_at, param_groups
 from usp.train.state import TrainState, update_ema
 
@@ -93,7 +94,7 @@ class _Diverged(Exception):
 
 
 @dataclass
-class Plan:
+class BatchPlan:
     """Batch arithmetic: progress is in optimiser steps of `global_batch` images."""
 
     micro_batch: int
@@ -102,7 +103,7 @@ class Plan:
     warmup_steps: int
 
     @classmethod
-    def of(cls, cfg: TrainConfig, warmup_epochs: float, dataset_len: int, rt: Runtime) -> Plan:
+    def of(cls, cfg: TrainConfig, warmup_epochs: float, dataset_len: int, rt: Runtime) -> BatchPlan:
         micro_batch, rem = divmod(cfg.global_batch, rt.world_size * cfg.accum_steps)
         if rem or micro_batch == 0:
             raise ValueError(f"train.global_batch={cfg.global_batch} must be divisible by world size "
@@ -115,7 +116,7 @@ class Plan:
         return cls(micro_batch, steps_per_epoch, total, min(round(warmup_epochs * steps_per_epoch), total))
 
 
-def build_state(config: Config, task: Task, rt: Runtime, plan: Plan) -> TrainState:
+def build_state(config: Config, task: Task, rt: Runtime, plan: BatchPlan) -> TrainState:
     torch.manual_seed(config.run.seed)
     model = task.model.to(rt.device)
     oc = config.optim
@@ -134,7 +135,7 @@ def build_state(config: Config, task: Task, rt: Runtime, plan: Plan) -> TrainSta
                              config.train.ema_decay)
 
 
-def restore(state: TrainState, ckpt_dir: Path, resume: str | None, plan: Plan, accum: int, rt: Runtime) -> None:
+def restore(state: TrainState, ckpt_dir: Path, resume: str | None, rt: Runtime) -> None:
     """resume: 'auto' (the newest checkpoint that verifies, if any), None (fresh; refuses to overwrite), a path."""
     if resume is None:
         if ckpt.latest_state(ckpt_dir) is not None:
@@ -149,8 +150,7 @@ def restore(state: TrainState, ckpt_dir: Path, resume: str | None, plan: Plan, a
     if found is None:
         return
     path, saved = found
-    epoch, done = divmod(saved["step"], plan.steps_per_epoch)  # states written before the data position was
-    state.load_state_dict(saved, str(path), legacy_position=(epoch, done * accum * plan.micro_batch))
+    state.load_state_dict(saved, str(path))
     log.info(f"resumed from {path} at step {state.step}")
 
 
@@ -167,7 +167,7 @@ class Loop:
     """The state of a running loop that is not saved: the wrapped model, the data iterator, running means,
     the count of consecutive skipped steps, the record."""
 
-    def __init__(self, config: Config, task: Task, rt: Runtime, plan: Plan, state: TrainState):
+    def __init__(self, config: Config, task: Task, rt: Runtime, plan: BatchPlan, state: TrainState):
         self.config, self.cfg, self.task, self.rt, self.plan, self.state = config, config.train, task, rt, plan, state
         self.run_dir, self.ckpt_dir = config.run_dir, config.run_dir / "checkpoints"
         self.train_model = wrap_model(state.model, rt, self.cfg.compile)
@@ -328,9 +328,9 @@ def train(config: Config, task: Task, runtime: Runtime | None = None, resume: st
     rt = runtime or setup_runtime(config.run.device)
     cfg, run_dir = config.train, config.run_dir
     with RunLock(run_dir) if rt.is_main else contextlib.nullcontext():  # one run per folder
-        plan = Plan.of(cfg, config.optim.warmup_epochs, len(task.train_set), rt)
+        plan = BatchPlan.of(cfg, config.optim.warmup_epochs, len(task.train_set), rt)
         state = build_state(config, task, rt, plan)
-        restore(state, run_dir / "checkpoints", resume, plan, cfg.accum_steps, rt)
+        restore(state, run_dir / "checkpoints", resume, rt)
         if rt.is_main:
             save_config(config, run_dir / "config.yaml")
             ckpt.remove_stale_temps(run_dir / "checkpoints")  # of a writer killed mid-write

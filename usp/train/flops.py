@@ -56,6 +56,14 @@ def dit_forward_flops(*, input_size: int, in_channels: int, patch_size: int, hid
     return flops + 2.0 * d * patch_size * patch_size * out_channels * length + 2.0 * d * 2 * d
 
 
+def _mlp_ratio(mlp: torch.nn.Module) -> float:
+    """The GELU-MLP ratio with the same weights: fc1's, or for SwiGLU (w12: D -> 2H, w3: H -> D; 3·D·H weights,
+    LightningDiT) 1.5·H / D."""
+    if hasattr(mlp, "fc1"):
+        return mlp.fc1.out_features / mlp.fc1.in_features
+    return 1.5 * mlp.w3.in_features / mlp.w3.out_features
+
+
 def training_flops_per_sample(model: torch.nn.Module, mask_ratio: float = 0.75) -> float:
     """3 × forward FLOPs of one sample through a usp MAE or DiT/SiT, read from the model's sizes."""
     from usp.models.dit import DiT
@@ -67,13 +75,13 @@ def training_flops_per_sample(model: torch.nn.Module, mask_ratio: float = 0.75) 
             latent_size=model.latent_size, in_channels=model.in_channels, patch_size=model.patch_size,
             embed_dim=model.patch_embed.proj.out_channels, depth=len(model.blocks),
             decoder_embed_dim=model.decoder_embed.out_features, decoder_depth=len(dec), mask_ratio=mask_ratio,
-            mlp_ratio=block.mlp.fc1.out_features / block.mlp.fc1.in_features)
+            mlp_ratio=_mlp_ratio(block.mlp))
     if isinstance(model, DiT):
         block = model.blocks[0]
         return 3.0 * dit_forward_flops(
             input_size=model.input_size, in_channels=model.in_channels, patch_size=model.patch_size,
             hidden_size=model.hidden_size, depth=model.depth, out_channels=model.out_channels,
-            mlp_ratio=block.mlp.fc1.out_features / block.mlp.fc1.in_features,
+            mlp_ratio=_mlp_ratio(block.mlp),
             frequency_embedding_size=model.t_embedder.frequency_embedding_size)
     raise TypeError(f"no FLOP count for {type(model).__name__}: only the MAE pretraining model and DiT/SiT")
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from usp.data.sampler import DataStream
-from usp.train.checkpoint import load_strict
+from usp.run.weights import load_strict
 
 
 @torch.no_grad()
@@ -60,10 +60,9 @@ class TrainState:
             state["rng_cuda"] = torch.cuda.get_rng_state()
         return state
 
-    def load_state_dict(self, state: dict, source: str, legacy_position: tuple[int, int] | None = None,
-                        keep_position: bool = False) -> None:
-        """Restore `state`. legacy_position: (epoch, offset) for states written before the data position was
-        saved. keep_position: leave the data stream where it is (a rollback skips the data that diverged)."""
+    def load_state_dict(self, state: dict, source: str, keep_position: bool = False) -> None:
+        """Restore `state`. keep_position: leave the data stream where it is (a rollback skips the data that
+        diverged)."""
         load_strict(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -77,7 +76,4 @@ class TrainState:
             torch.cuda.set_rng_state(state["rng_cuda"])
         self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
         if not keep_position:
-            if "data" in state:
-                self.stream.load_state_dict(state["data"])
-            elif legacy_position is not None:
-                self.stream.load_state_dict({"epoch": legacy_position[0], "offset": legacy_position[1]})
+            self.stream.load_state_dict(state["data"])

@@ -1,7 +1,7 @@
 """The tasks the one engine trains: each supplies a model, a dataset, per-sample randomness and the loss of
 a batch (and optionally `evaluate` and `param_groups`). One file per task; `build_task` picks by `run.task`.
 
-May import: config, data, latent, models, diffusion, evaluate, sample. Never the engine's callers (demo, cli).
+May import: config, run, data, latent, models, diffusion, evaluate, sample. Never the engine's callers (demo, cli).
 """
 
 from __future__ import annotations

@@ -162,13 +162,14 @@ def build_mixup(
 def build_classifier(config: Config, latent_size: int, channels: int) -> nn.Module:
     """The registered ViT classifier of model.name (`vit_b_2` or `vit_b_2_cls`), USP weights transferred."""
     from usp.models import classifier_for, create_model
-    from usp.models.transfer import load_state_dict_file, transfer_weights
+    from usp.models.transfer import transfer_weights
+    from usp.run.weights import load_weights
 
     model = create_model(classifier_for(config.model.name), latent_size=latent_size, in_channels=channels,
                          num_classes=config.model.num_classes, global_pool=config.model.global_pool,
                          drop_path_rate=config.model.drop_path)
     if config.model.init:
-        report = transfer_weights(load_state_dict_file(config.model.init), model, num_blocks=config.model.init_blocks,
+        report = transfer_weights(load_weights(config.model.init)[0], model, num_blocks=config.model.init_blocks,
                                   interpolation=config.model.pos_interpolation)
         config.run_dir.mkdir(parents=True, exist_ok=True)
         report.save(config.run_dir / "transfer.json")

@@ -9,27 +9,19 @@ import torch
 import torch.nn as nn
 
 from usp.config import Config
+from usp.diffusion.time import in_sit_time
 from usp.latent.data import LatentData
-from usp.latent.vae import LatentSpace, spec_of
-from usp.models import create_model
-from usp.models.dit import DiT
-
-
-def build_generator(config: Config) -> DiT:
-    """The registered DiT/SiT of model.name, sized for the recipe's latent space and image size."""
-    spec = spec_of(config.latent.space)
-    return create_model(config.model.name, ("dit", "sit"), input_size=config.data.image_size // spec.factor,
-                        in_channels=spec.channels, num_classes=config.model.num_classes,
-                        class_dropout_prob=config.model.class_dropout, learn_sigma=config.generation.learn_sigma,
-                        affine_norms=config.model.affine_norms)
+from usp.latent.vae import LatentSpace
+from usp.sample.run import build_generator
 
 
 class GenerationTask:
     """DiT (DDPM, learned sigma) or SiT (transport) fine-tuning, from USP weights or from scratch."""
 
     def __init__(self, config: Config):
-        from usp.diffusion import create_diffusion, create_transport
-        from usp.models.transfer import load_state_dict_file, transfer_weights
+        from usp.diffusion import build_objective
+        from usp.models.transfer import transfer_weights
+        from usp.run.weights import load_weights
 
         self.config, gen = config, config.generation
         self.data = LatentData(config, config.data.split, augment=True, crop="adm_center")
@@ -39,17 +31,14 @@ class GenerationTask:
         self.model = build_generator(config)
         self.transfer_report = None
         if config.model.init:
-            self.transfer_report = transfer_weights(load_state_dict_file(config.model.init), self.model,
+            self.transfer_report = transfer_weights(load_weights(config.model.init)[0], self.model,
                                                     num_blocks=config.model.init_blocks,
                                                     interpolation=config.model.pos_interpolation)
             config.run_dir.mkdir(parents=True, exist_ok=True)
             self.transfer_report.save(config.run_dir / "transfer.json")
             if os.environ.get("RANK", "0") == "0":  # what the user's checkpoint gave, once per run
                 print(self.transfer_report.summary(), flush=True)
-        if gen.method == "ddpm":
-            self.diffusion = create_diffusion(None, learn_sigma=gen.learn_sigma)
-        else:
-            self.transport = create_transport(gen.path, gen.prediction, gen.loss_weight, gen.train_eps, gen.sample_eps)
+        self.objective = build_objective(gen)  # DDPM (DiT) or transport (SiT), as the recipe says
         self._decoder: LatentSpace | None = self.data.vae
         self._domain = None
         self.teacher = None
@@ -59,14 +48,14 @@ class GenerationTask:
     def _setup_repa(self, config: Config) -> None:
         """REPA: the frozen teacher, the projector on the generator (after the USP transfer, which it is no part
         of), and the teacher tokens: cached beside the latents, or computed from the training images."""
-        from usp.latent.features import RepaFeatureDataset, recipe_features_dir
-        from usp.models.repa import attach_projectors, load_teacher
+        from usp.latent.features import RepaFeatureDataset, load_repa_teacher, recipe_features_dir
+        from usp.models.repa import attach_projectors
 
         rc = config.repa
         if rc.depth > self.model.depth:
             raise ValueError(f"repa.depth={rc.depth} but {config.model.name} has {self.model.depth} blocks; "
                              f"choose 1..{self.model.depth}")
-        self.teacher = load_teacher(rc.teacher, rc.teacher_weights, rc.teacher_size)
+        self.teacher = load_repa_teacher(rc.teacher, rc.teacher_weights, rc.teacher_size)
         self.repa_grid = self.model.grid_size
         if self.teacher.grid != self.repa_grid and os.environ.get("RANK", "0") == "0":
             print(f"repa: teacher {rc.teacher} gives a {self.teacher.grid}x{self.teacher.grid} token grid; its tokens "
@@ -109,30 +98,28 @@ class GenerationTask:
     def extras(self) -> dict:
         out = self.data.extras()
         out["noise"] = torch.randn(self.latent_shape)
-        if self.config.generation.method == "ddpm":
-            out["t"] = torch.randint(0, self.diffusion.num_timesteps, ())
-        else:
-            t0, t1 = self.transport.interval()
-            out["t"] = t0 + (t1 - t0) * torch.rand(())
+        out["t"] = self.objective.sample_t()
         return out
 
     def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         x, labels = self.data.latents(batch), batch["label"]
-        objective = self.diffusion if self.config.generation.method == "ddpm" else self.transport
+        net = in_sit_time(model, self.config.generation.time)  # the objective speaks SiT time
         if self.teacher is None:
-            model_fn = lambda x_t, t: model(x_t, t, labels)  # noqa: E731
-            losses = objective.training_losses(model_fn, x, t=batch["t"], noise=batch["noise"])
+            model_fn = lambda x_t, t: net(x_t, t, labels)  # noqa: E731
+            losses = self.objective.training_losses(model_fn, x, t=batch["t"], noise=batch["noise"])
             return {key: value.mean() for key, value in losses.items()}
         from usp.models.repa import projection_loss
 
         hidden: list[torch.Tensor] = []
 
-        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out, h = model(x_t, t, labels, return_hidden=self.config.repa.depth)
+        def with_hidden(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out, h = model(x_t, t, y, return_hidden=self.config.repa.depth)
             hidden.append(h)  # (N, T, D) after block repa.depth, on the noisy input (REPA eq. 8)
             return out
 
-        losses = {key: value.mean() for key, value in objective.training_losses(
+        model_fn = lambda x_t, t: in_sit_time(with_hidden, self.config.generation.time)(x_t, t, labels)  # noqa: E731
+
+        losses = {key: value.mean() for key, value in self.objective.training_losses(
             model_fn, x, t=batch["t"], noise=batch["noise"]).items()}
         targets = self._repa_targets(batch)  # (N, T, D_teacher)
         projected = [projector(hidden[-1]) for projector in self.model.projectors]  # each (N, T, D_teacher)
@@ -143,7 +130,8 @@ class GenerationTask:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self._decoder is None:
-            self._decoder = LatentSpace.load(self.config.latent.space, self.config.latent.path)
+            self._decoder = LatentSpace.load(self.config.latent.space, self.config.latent.path,
+                                             cache=self.config.latent.cache)
         self._decoder.to(latents.device)
         return self._decoder.decode(latents)
 

@@ -17,8 +17,9 @@ class PretrainTask:
         self.config = config
         self.data = LatentData(config, config.data.split, augment=True)
         self.train_set = self.data.dataset
-        self.model = create_model(config.model.name, ("vit",), latent_size=self.data.latent_size,
-                                  in_channels=self.data.spec.channels, norm_pix_loss=config.pretrain.norm_pix_loss)
+        self.model = create_model(config.model.name, ("vit", "vit_lightning"), latent_size=self.data.latent_size,
+                                  in_channels=self.data.spec.channels, norm_pix_loss=config.pretrain.norm_pix_loss,
+                                  **config.model.block_options())
         self.num_patches = self.model.num_patches
 
     def extras(self) -> dict:

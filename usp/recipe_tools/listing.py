@@ -10,9 +10,10 @@ def models() -> list[str]:
     from usp.models import REGISTRY
 
     # Which sizes the paper uses: USP pretrains ViT-B/L/XL and fine-tunes DiT/SiT-B/L/XL; t is the CPU demo's.
-    setting = {"t": "CPU demo / tests", "s": "", "b": "paper", "l": "paper", "xl": "paper"}
+    # A size without a note is listed all the same (every registered name is a valid recipe choice).
+    setting = {"t": "CPU demo / tests", "b": "paper", "l": "paper", "xl": "paper"}
     width = max(map(len, REGISTRY))
-    return [f"{name:<{width}}  {entry.description}{'; ' + setting[entry.size] if setting[entry.size] else ''}"
+    return [f"{name:<{width}}  {entry.description}" + (f"; {setting[entry.size]}" if entry.size in setting else "")
             for name, entry in REGISTRY.items()]
 
 
@@ -44,10 +45,14 @@ def recipes() -> list[str]:
 
 
 def listing(what: str = "all") -> str:
-    """The text `usp list WHAT` prints."""
+    """The text `usp list WHAT` prints: one kind is one line per entry (`usp list models | wc -l` counts the
+    registry); `all` is every kind under its heading."""
     parts = {"models": models, "latent-spaces": latent_spaces, "recipes": recipes}
-    chosen = parts if what == "all" else {what: parts[what]}
-    blocks = [f"{name}:\n" + "\n".join(f"  {line}" for line in fn()) for name, fn in chosen.items()]
-    if what in ("all", "recipes"):
-        blocks.append(f"(recipes: {recipes_dir()}; run one by name, e.g. `usp pretrain fmnist/pretrain`)")
+    if what != "all":
+        lines = parts[what]()
+        if what == "recipes":
+            lines.append(f"(recipes: {recipes_dir()}; run one by name, e.g. `usp pretrain fmnist/pretrain`)")
+        return "\n".join(lines)
+    blocks = [f"{name}:\n" + "\n".join(f"  {line}" for line in fn()) for name, fn in parts.items()]
+    blocks.append(f"(recipes: {recipes_dir()}; run one by name, e.g. `usp pretrain fmnist/pretrain`)")
     return "\n\n".join(blocks)

@@ -44,6 +44,11 @@ def setup_runtime(device: str = "auto") -> Runtime:
     return Runtime(rank, world_size, torch_device)
 
 
+# The autocast dtype of each precision a recipe names (train.amp, generation.amp, latent.vae_precision); None = full
+# precision, no autocast. The one table: training, sampling and the VAE read it.
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16, Linux /proc/cpuinfo flags).
     Without it, CPU autocast emulates bf16 and runs slower than fp32; elsewhere (macOS, Windows) we say no."""
@@ -62,7 +67,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
         return torch.bfloat16 if native else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+    return AUTOCAST_DTYPES[amp]
 
 
 def describe_precision(amp: str, device: torch.device) -> str:

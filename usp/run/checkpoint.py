@@ -1,4 +1,5 @@
-"""Checkpoints: the full training state (resume) and a weights-only safetensors file (EMA/model).
+"""Checkpoints: the full training state (resume) and a weights-only safetensors file (EMA/model); reading
+a weights file is `usp.run.weights`.
 
 Writes go to a uniquely named temporary file in the same folder, are fsynced, renamed, and the folder is
 fsynced, so a crash or a power cut never leaves a half-written checkpoint under a checkpoint's name.
@@ -24,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from usp import CheckpointError, DiskFullError, RunError, RunLocked  # noqa: F401 (RunError: re-export)
+from usp import CheckpointError, DiskFullError, RunLocked
 
 log = logging.getLogger("usp")
 
@@ -221,47 +222,6 @@ def load_latest_state(folder: Path) -> tuple[Path, dict] | None:
                               "aside; run the same command again to start this run from step 0, or put a good "
                               "state_*.pt back")
     return None
-
-
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights and the usp metadata (model name, task, recipe) of a `weights_*.safetensors` file, verified
-    against the digest stored in it (files without one, e.g. written by other tools, load unverified)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-        weights = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error type for truncated or garbage headers
-        raise CheckpointError(f"weights file {path} cannot be read ({err}); it is truncated or not a safetensors "
-                              "file: use another weights_*.safetensors of the run") from err
-    if "digest" in raw and raw["digest"] != digest(weights):
-        raise CheckpointError(f"weights file {path} is corrupt: its tensors do not match the digest stored in it; "
-                              "use another weights_*.safetensors of the run")
-    return weights, json.loads(raw.get("usp", "{}"))
-
-
-def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True) with an error that names the mismatching keys and the fix."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append("shape mismatch " + ", ".join(f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                                                       for k in wrong[:5]))
-        raise ValueError(f"checkpoint {source} does not match the model ({type(model).__name__}): "
-                         + "; ".join(parts) + ". Check model.name and the latent size of the recipe.")
-    model.load_state_dict(state, strict=True)
 
 
 # --------------------------------------------------------------------------------------------
