@@ -3,6 +3,8 @@ example printed by `usp --help` passes --dry-run with exactly the recipe a run w
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import shlex
 from pathlib import Path
 
@@ -62,6 +64,21 @@ def test_every_help_example_dry_runs(example, capsys, monkeypatch):
         overrides = [a for a in argv[2:] if "=" in a and not a.startswith("-")]
         expected = load_config(argv[1], [*overrides, f"run.task={cli.TRAIN_COMMANDS[argv[0]]}"]).to_dict()
         assert yaml.safe_load(out) == expected
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_calls_a_function_taking_exactly_its_options(command):
+    """`call` hands the parsed options to the command's function by name (a recipe as `config`): a renamed option or
+    parameter fails here, not at a user's first real run (--dry-run never calls the function)."""
+    sub = cli.build_parser()._subparsers._group_actions[0].choices[command]
+    options = {a.dest for a in sub._actions} - {"help", "dry_run"}
+    if "recipe" in options:
+        options = options - {"recipe", "overrides"} | {"config"}
+    function = cli.CALLS[command]
+    if isinstance(function, str):
+        module, name = function.split(":")
+        function = getattr(importlib.import_module(module), name)
+    inspect.signature(function).bind(**dict.fromkeys(options))  # raises TypeError on a missing or unknown keyword
 
 
 def test_a_recipe_for_another_command_is_refused_with_the_right_command(capsys):

@@ -48,7 +48,7 @@ def test_demo_quick_then_full_quick_end_to_end(tmp_path, capsys):
         assert 0.0 <= results["probe"][name]["paper"]["top1"] <= 100.0
         assert results["probe"][name]["paper"]["protocol"]["features"]["pooling"] == "cls token"
     # The verdict states every protocol field and names a band that came from the two scratch seeds.
-    for field in ("EMA 0.99", "ode 6 steps (heun)", "CFG", "10 000 Fashion-MNIST test images", "bootstrap"):
+    for field in ("EMA 0.99", "ode 5 steps (heun)", "CFG", "10 000 Fashion-MNIST test images", "bootstrap"):
         assert field in report, field
     final = results["verdict"]["sit"]["0"]["final"]
     assert final["band_unpaired"] >= abs(final["scratch"] - final["scratch_other"])

@@ -17,11 +17,11 @@ from usp.evaluate import (
     InceptionFeatures,
     compute_statistics,
     domain_metrics,
+    evaluate_command,
     evaluate_npz,
     inception_score,
     inception_stats,
     iter_npz_batches,
-    main,
     precision_recall,
     read_npz_labels,
     read_npz_stats,
@@ -125,11 +125,12 @@ def test_spatial_is_first_seven_channels_of_mixed_6d_branch1x1_channels_last(ext
     torch.testing.assert_close(torch.from_numpy(out.spatial), expected)
 
 
-def test_main_gives_five_finite_metrics_matching_the_features(weights, batches, sample_features, ref_features,
-                                                              tmp_path):
+def test_evaluate_command_gives_five_finite_metrics_matching_the_features(weights, batches, sample_features,
+                                                                         ref_features, tmp_path):
     out_json = tmp_path / "metrics.json"
-    metrics = main(batches["ref_path"], batches["sample_path"], out_json=out_json, inception_weights=weights,
-                   batch_size=5, fd_method=FD)  # other batch sizes than the fixtures: batching must not matter
+    # other batch sizes than the fixtures: batching must not matter
+    metrics = evaluate_command(batches["ref_path"], batches["sample_path"], out=out_json, inception_weights=weights,
+                               batch_size=5, fd_method=FD)
     assert set(metrics) == {"fid", "sfid", "inception_score", "precision", "recall"}
     assert all(math.isfinite(v) for v in metrics.values())
     # the same numbers computed independently from directly extracted features

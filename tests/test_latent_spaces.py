@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 from usp.latent import vae as vae_module
 from usp.latent.cache import build_cache, read_header
-from usp.latent.ldm import KL16_LAYOUT, VAVAE_F16D32_LAYOUT, LdmLayout, diffusers_config, vae_from_ldm_state
+from usp.latent.ldm import (
+    KL16_LAYOUT,
+    VAVAE_F16D32_LAYOUT,
+    LdmLayout,
+    diffusers_config,
+    vae_from_ldm_state,
+)
+from usp.latent.ldm import ldm_key_shapes as ldm_shapes
+from usp.latent.ldm import random_ldm_state as random_state
 from usp.latent.vae import LatentSpace, denormalise, moments_to_latents, norm_fingerprint, normalise, scale_and_shift
 
 # A VA-VAE-shaped tiny layout: the same code path (5 levels, f16, 32 latent channels, attention at the
@@ -31,72 +39,6 @@ TRAINING_ONLY = {"loss.logvar": (), "loss.perceptual_loss.net.slice1.0.weight": 
                  "loss.discriminator.main.0.weight": (64, 3, 4, 4),
                  "foundation_model.model.blocks.0.attn.qkv.weight": (3072, 1024),
                  "linear_proj.weight": (1024, 32, 1, 1)}
-
-
-def ldm_shapes(layout: LdmLayout) -> dict[str, tuple[int, ...]]:
-    """Every key of an LDM AutoencoderKL (encoder, decoder, quant convs) and its shape."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def resnet(prefix: str, cin: int, cout: int) -> None:
-        shapes.update({f"{prefix}.norm1.weight": (cin,), f"{prefix}.norm1.bias": (cin,),
-                       f"{prefix}.conv1.weight": (cout, cin, 3, 3), f"{prefix}.conv1.bias": (cout,),
-                       f"{prefix}.norm2.weight": (cout,), f"{prefix}.norm2.bias": (cout,),
-                       f"{prefix}.conv2.weight": (cout, cout, 3, 3), f"{prefix}.conv2.bias": (cout,)})
-        if cin != cout:
-            shapes.update({f"{prefix}.nin_shortcut.weight": (cout, cin, 1, 1), f"{prefix}.nin_shortcut.bias": (cout,)})
-
-    def attn(prefix: str, c: int) -> None:
-        shapes.update({f"{prefix}.norm.weight": (c,), f"{prefix}.norm.bias": (c,)})
-        for name in ("q", "k", "v", "proj_out"):
-            shapes.update({f"{prefix}.{name}.weight": (c, c, 1, 1), f"{prefix}.{name}.bias": (c,)})
-
-    ch, mult, z, n = layout.ch, layout.ch_mult, layout.z_channels, len(layout.ch_mult)
-    shapes.update({"encoder.conv_in.weight": (ch, 3, 3, 3), "encoder.conv_in.bias": (ch,)})
-    cin, res = ch, layout.resolution
-    for level in range(n):
-        for i in range(layout.num_res_blocks):
-            resnet(f"encoder.down.{level}.block.{i}", cin, ch * mult[level])
-            cin = ch * mult[level]
-            if res in layout.encoder_attn:
-                attn(f"encoder.down.{level}.attn.{i}", cin)
-        if level != n - 1:
-            shapes.update({f"encoder.down.{level}.downsample.conv.weight": (cin, cin, 3, 3),
-                           f"encoder.down.{level}.downsample.conv.bias": (cin,)})
-            res //= 2
-    for part in ("encoder", "decoder"):
-        resnet(f"{part}.mid.block_1", cin, cin)
-        attn(f"{part}.mid.attn_1", cin)
-        resnet(f"{part}.mid.block_2", cin, cin)
-    shapes.update({"encoder.norm_out.weight": (cin,), "encoder.norm_out.bias": (cin,),
-                   "encoder.conv_out.weight": (2 * z, cin, 3, 3), "encoder.conv_out.bias": (2 * z,),
-                   "decoder.conv_in.weight": (cin, z, 3, 3), "decoder.conv_in.bias": (cin,)})
-    for level in reversed(range(n)):
-        for i in range(layout.num_res_blocks + 1):
-            resnet(f"decoder.up.{level}.block.{i}", cin, ch * mult[level])
-            cin = ch * mult[level]
-            if res in layout.decoder_attn:
-                attn(f"decoder.up.{level}.attn.{i}", cin)
-        if level != 0:
-            shapes.update({f"decoder.up.{level}.upsample.conv.weight": (cin, cin, 3, 3),
-                           f"decoder.up.{level}.upsample.conv.bias": (cin,)})
-            res *= 2
-    shapes.update({"decoder.norm_out.weight": (cin,), "decoder.norm_out.bias": (cin,),
-                   "decoder.conv_out.weight": (3, cin, 3, 3), "decoder.conv_out.bias": (3,),
-                   "quant_conv.weight": (2 * z, 2 * z, 1, 1), "quant_conv.bias": (2 * z,),
-                   "post_quant_conv.weight": (z, z, 1, 1), "post_quant_conv.bias": (z,)})
-    return shapes
-
-
-def random_state(layout: LdmLayout, seed: int = 0, extras: dict | None = None) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in {**ldm_shapes(layout), **(extras or {})}.items():
-        fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
-        value = torch.randn(shape, generator=g) / fan_in**0.5
-        if ".norm" in key and key.endswith("weight"):
-            value = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        state[key] = value
-    return state
 
 
 # The LDM forward, written over the LDM keys (the reference for the conversion).

@@ -158,7 +158,10 @@ def test_official_option_layouts_load_strictly(options):
     state = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
     model = create_model("lightningdit_t_2", input_size=8, in_channels=4, depth=2, num_classes=10,
                          **{names[k]: v for k, v in options.items()})
-    model.load_state_dict(state, strict=True)
+    result = model.load_state_dict(state, strict=True)  # a missing or unexpected key raises, naming it
+    assert not result.missing_keys and not result.unexpected_keys
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())  # every official tensor landed under its name
 
 
 def test_the_rope_table_of_a_checkpoint_equals_the_built_one():

@@ -14,6 +14,7 @@ from usp.data.sampler import SeededDataset
 from usp.latent.cache import build_cache
 from usp.latent.vae import LatentSpace
 from usp.run import checkpoint as ckpt
+from usp.run.weights import load_weights
 from usp.train.engine import Runtime, train
 from usp.train.tasks import build_task
 
@@ -54,10 +55,10 @@ def test_probe_and_classify_train_and_write_their_protocol(setup, cached, task):
     config = load_config(None, [*setup["common"], *(PROBE if task == "probe" else CLASSIFY), *extra,
                                 f"model.init={setup['weights']}", f"run.name={task}-{cached}"])
     built = build_task(config)
-    frozen = {k: v.clone() for k, v in built.model.state_dict().items() if not k.startswith("head")}
+    frozen = {k: v.clone() for k, v in built.vit.state_dict().items() if not k.startswith("head")}
     result = train(config, built, CPU, resume=None)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result["history"])
-    after = built.model.state_dict()
+    after = built.vit.state_dict()
     changed = [k for k in frozen if not torch.equal(frozen[k], after[k])]
     assert (changed == []) if task == "probe" else bool(changed)  # the probe leaves the encoder untouched
     card = json.loads((config.run_dir / "result.json").read_text())
@@ -75,6 +76,35 @@ def test_probe_and_classify_train_and_write_their_protocol(setup, cached, task):
     assert ("flip of the cached latent" in protocol["augmentation"]) == cached
     if task == "classify" and not cached:
         assert "RandAugment rand-m9-mstd0.5-inc1" in protocol["augmentation"]
+
+
+def test_cached_probe_trains_on_features_computed_once_with_the_per_step_result(setup, monkeypatch):
+    """With a cache the probe encodes each image and orientation once; the head then sees, step for step, the
+    features the per-step probe computes from the same flip draws: equal weights (float rounding) and top-1."""
+    import usp.train.tasks.classification as classification
+
+    runs = {}
+    for mode in ("features", "per_step"):
+        if mode == "per_step":
+            monkeypatch.setattr(classification, "probe_on_features", lambda config, data: False)
+        config = load_config(None, [*setup["common"], *PROBE, f"latent.cache={setup['cache']}", "train.max_steps=8",
+                                    f"model.init={setup['weights']}", f"run.name=probe-{mode}"])
+        task = build_task(config)
+        assert task.on_features == (mode == "features")
+        train(config, task, CPU, resume=None)
+        runs[mode] = (task, json.loads((config.run_dir / "result.json").read_text()),
+                      load_weights(ckpt.latest_weights(config.run_dir / "checkpoints"))[0])
+    (task, card, weights), (_, reference_card, reference_weights) = runs["features"], runs["per_step"]
+    assert weights.keys() == reference_weights.keys()  # the weights file has the per-step probe's keys
+    for key in weights:
+        torch.testing.assert_close(weights[key], reference_weights[key], rtol=1e-4, atol=1e-5)
+    assert card["top1"] == reference_card["top1"] and card["top5"] == reference_card["top5"]
+    assert "features computed once" in card["protocol"]["augmentation"]
+    # The stored features of item 3, plain and flipped, are the frozen encoder's on the cached latents.
+    batch = {"moments": task.data.dataset[3]["moments"][None].repeat(2, 1, 1, 1, 1), "flip": torch.tensor([0, 1])}
+    with torch.no_grad():
+        expected = task.vit.eval().forward_features(task.data.latents(batch))  # (2, D)
+    torch.testing.assert_close(torch.as_tensor(task.train_set[3]["features"]), expected, rtol=1e-5, atol=1e-5)
 
 
 def _flips(task, seeds=range(64)) -> list[bool]:
@@ -172,6 +202,11 @@ def test_usp_probe_backbone_on_a_dit_checkpoint(generator, capsys, tmp_path):
     assert "| 3 | 0.5 | 500 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["probe-backbone", str(generator), "--noise-levels", "1.5"])
+    # The run folder (its latest weights), as the help promises, probes the same file.
+    from_folder = tmp_path / "from_folder.json"
+    main(["probe-backbone", str(generator.parent.parent), "--blocks", "1", "3", "--noise-levels", "0", "0.5",
+          "--out", str(from_folder)])
+    assert json.loads(from_folder.read_text())["rows"] == result["rows"]
 
 
 def test_usp_probe_of_a_weights_file_names_the_backbone_command(generator, capsys):

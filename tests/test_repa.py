@@ -150,6 +150,33 @@ def test_cached_tokens_pair_each_latent_flip_with_its_image_flip(repa_recipe):
     assert torch.equal(picked[0], item["repa"][0]) and torch.equal(picked[1], item["repa"][1])
 
 
+def test_online_teacher_on_cached_latents_sees_the_flip_of_its_latent(repa_recipe):
+    """latent.cache + repa.features=online: each item carries its cached moments and its image; the per-sample
+    flip coin picks the flipped latent and flips the image the teacher sees, together."""
+    overrides, images, teacher = repa_recipe
+    config = load_config(None, [*overrides, "repa.features=online", "run.name=online", "train.max_steps=2"])
+    task = build_task(config)
+    assert not task.repa_cached and task.data.cached
+    item = task.train_set[5]
+    assert torch.equal(item["image"], images[5]["image"])  # the cache's own crop, unflipped
+    seen = []
+    original = task.teacher.tokens
+    task.teacher.tokens = lambda x: (seen.append(x.clone()), original(x))[1]
+    batch = {"moments": item["moments"][None].repeat(2, 1, 1, 1, 1), "image": item["image"][None].repeat(2, 1, 1, 1),
+             "flip": torch.tensor([False, True]), "label": torch.tensor([item["label"]] * 2)}
+    targets = task._repa_targets(batch)
+    x = images[5]["image"]
+    assert torch.equal(seen[0][0], x) and torch.equal(seen[0][1], x.flip(-1))
+    latents = task.data.latents(batch)  # the same coin picks the cached orientation
+    plain, flipped = (task.data.latents({"moments": item["moments"][None], "flip": torch.tensor([f])})[0]
+                      for f in (False, True))
+    assert torch.equal(latents[0], plain) and torch.equal(latents[1], flipped) and not torch.equal(plain, flipped)
+    torch.testing.assert_close(targets[1], match_grid(original(x.flip(-1)[None]), 4)[0])
+    task.teacher.tokens = original
+    result = train(config, task, CPU, resume=None)  # and it trains end to end on the paired data
+    assert all(math.isfinite(r["repa_loss"]) for r in result["history"])
+
+
 def test_repa_trains_the_projector_not_the_teacher_and_resumes_bitwise(repa_recipe, interrupt_loss):
     overrides, _, _ = repa_recipe
     config = load_config(None, [*overrides, "run.name=straight"])
@@ -236,8 +263,18 @@ def test_repa_recipe_errors_name_the_fix(repa_recipe):
         build_task(load_config(None, [*overrides, "run.name=e1", "repa.depth=9"]))
     with pytest.raises(ValueError, match="repa.teacher_weights is not set"):
         build_task(load_config(None, [*overrides, "run.name=e2", "repa.teacher_weights=null"]))
-    with pytest.raises(ValueError, match="repa.features=online needs images"):
-        build_task(load_config(None, [*overrides, "run.name=e3", "repa.features=online"]))
+
+
+def test_an_offline_teacher_download_names_the_local_weights_key(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):  # what huggingface_hub raises without network and without the file cached
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load this file")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(FileNotFoundError, match=r"REPA teacher 'vit_base_patch14_dinov2' \(repa.teacher_weights=timm"
+                                                r".*set repa.teacher_weights to a local file"):
+        load_repa_teacher("vit_base_patch14_dinov2", "timm")
 
 
 def test_tokens_made_by_another_teacher_are_refused(repa_recipe, tmp_path):

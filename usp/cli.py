@@ -7,10 +7,10 @@ its options. Every command takes --dry-run; options and `section.key=value` over
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
-from pathlib import Path
 
 from usp import RunError
 from usp.config import load_config, read_recipe, split_overrides
@@ -45,124 +45,59 @@ def _recipe(args: argparse.Namespace, task: str | None = None):
 def dry_run(args: argparse.Namespace) -> None:
     """What a command would do, without doing it: a training command's resolved recipe; any other command's
     arguments, and the resolved recipe where it reads one."""
-    if args.command in TRAIN_COMMANDS:
-        print(_recipe(args, TRAIN_COMMANDS[args.command]).to_yaml())
-        return
-    print(json.dumps({k: v for k, v in vars(args).items() if k not in ("func", "dry_run")}, indent=1, default=str))
-    if args.command == "cache-latents":
-        print(_recipe(args).to_yaml())
+    if args.command not in TRAIN_COMMANDS:
+        print(json.dumps({k: v for k, v in vars(args).items() if k not in ("func", "dry_run")}, indent=1, default=str))
+    if "recipe" in vars(args):
+        print(_recipe(args, TRAIN_COMMANDS.get(args.command)).to_yaml())
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from usp.train.engine import setup_runtime, train
-    from usp.train.tasks import build_task
+def call(args: argparse.Namespace) -> None:
+    """Run the command: its function gets the parsed options as keywords, a recipe resolved (as `config`). A library
+    function is named `module:function` and imported only now, so that `usp --help` loads no torch; an int it
+    returns is the exit status (anything else it returns, e.g. evaluate's metrics, it has printed already)."""
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "dry_run", "func")}
+    if "recipe" in options:
+        options["config"] = _recipe(args, TRAIN_COMMANDS.get(args.command))
+        del options["recipe"], options["overrides"]
+    function = args.func
+    if isinstance(function, str):
+        module, name = function.split(":")
+        function = getattr(importlib.import_module(module), name)
+    status = function(**options)
+    if isinstance(status, int) and status:
+        raise SystemExit(status)
 
-    config = _recipe(args, TRAIN_COMMANDS[args.command])
-    if getattr(args, "fast", False):
-        from usp.train.tasks.classification import fast_probe
 
-        print(json.dumps(fast_probe(config), indent=1))
-        return
-    runtime = setup_runtime(config.run.device)
-    train(config, build_task(config), runtime, resume=None if args.resume == "none" else args.resume)
-    print(f"run folder: {config.run_dir}")
-
-
-def cmd_probe_backbone(args: argparse.Namespace) -> None:
-    from usp.evaluate.backbone_probe import format_table, probe_backbone
+def probe_backbone(weights: str, overrides: list[str], model: str | None, blocks: list[int],
+                   noise_levels: list[float], out: str | None) -> None:
+    """`usp probe-backbone`: the generator is loaded here, as a recipe is for the other commands (its loader,
+    `usp.sample.run`, sits beside the probe's package, not below it), then probed (`usp.evaluate.backbone_probe`)."""
+    from usp.evaluate.backbone_probe import probe_command
+    from usp.run.weights import resolve_weights
     from usp.sample.run import load_generator
 
-    model, config = load_generator(args.weights, list(args.overrides), args.model)
-    result = probe_backbone(model, config, args.weights, blocks=args.blocks, noise_levels=args.noise_levels)
-    print(json.dumps(result, indent=1))
-    print(format_table(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    weights = str(resolve_weights(weights))  # a run folder or RUN/latest, as the help says
+    generator, config = load_generator(weights, list(overrides), model)
+    probe_command(generator, config, weights, blocks, noise_levels, out)
 
 
-def cmd_cache_latents(args: argparse.Namespace) -> None:
-    from usp.latent.cache import cache_recipe
-
-    for split, made in cache_recipe(_recipe(args), args.splits, args.out, args.batch_size).items():
-        print(f"{split}: {made['images']} images -> {made['path']}")
-        if made["tokens"]:
-            print(f"{split}: REPA teacher tokens -> {made['tokens']}")
-
-
-def cmd_sample(args: argparse.Namespace) -> None:
-    from usp.run.weights import resolve_weights
-    from usp.sample.run import run_sampling
-
-    path = run_sampling(resolve_weights(args.weights), args.overrides, out_dir=args.out,
-                        num_samples=args.num_samples, seed=args.seed, balanced=args.balanced,
-                        batch_size=args.batch_size, model_name=args.model, grid=args.grid)
-    print(f"wrote {path}")
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from usp.evaluate.reference import main as evaluate_main
-
-    evaluate_main(args.ref, args.samples, out_json=args.out, inception_weights=args.inception_weights,
-                  batch_size=args.batch_size, device=args.device)
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    from usp.demo.pipeline import run_demo
-
-    print(f"report: {run_demo(args.out, args.quick, args.seed, args.full, args.data, args.image_size, args.flip)}")
-
-
-def cmd_init(args: argparse.Namespace) -> None:
-    from usp.recipe_tools.init import init_recipes, summary
-
-    print(summary(*init_recipes(args.data, args.out, image_size=args.image_size, flip=args.flip)))
-
-
-def cmd_list(args: argparse.Namespace) -> None:
-    from usp.recipe_tools.listing import listing
-
-    print(listing(args.what))
-
-
-def cmd_fetch(args: argparse.Namespace) -> None:
-    from usp.recipe_tools.fetch import fetch
-
-    print("\n".join(fetch(args.recipes, args.cache, inception=not args.no_inception)))
-
-
-def cmd_reference(args: argparse.Namespace) -> None:
-    from usp.evaluate.reference import reference_batch_from_folder
-
-    path = reference_batch_from_folder(args.folder, args.out, args.image_size, num_images=args.num, seed=args.seed)
-    print(f"wrote {path}")
-
-
-def cmd_compare_run(args: argparse.Namespace) -> None:
-    from usp.evaluate.compare import compare_runs
-
-    text, diverged = compare_runs(args.run, args.reference, loss_tol=args.loss_tol, fd_tol=args.fd_tol,
-                                  patience=args.patience, skip=args.skip)
-    print(text)
-    if diverged:
-        raise SystemExit(1)
-
-
-def cmd_reconstruct(args: argparse.Namespace) -> None:
-    from usp.evaluate.reconstruct import reconstruct_grid
-    from usp.run.weights import resolve_weights
-
-    path = reconstruct_grid(resolve_weights(args.weights), args.out, num_images=args.num_images,
-                            mask_ratio=args.mask_ratio, seed=args.seed, overrides=args.overrides)
-    print(f"wrote {path}")
-
-
-def cmd_export(args: argparse.Namespace) -> None:
-    from usp.export import export
-
-    out, notes = export(args.weights, args.to, args.out, license=args.license)
-    for note in notes:
-        print(f"note: {note}")
-    print(f"wrote {out}")
+# What each command calls with its options: a library function as `module:function` (imported only when the command
+# runs, so that `usp --help` loads no torch), or the function above where the CLI first loads a generator.
+CALLS = {
+    **dict.fromkeys(TRAIN_COMMANDS, "usp.train.tasks:train_command"),
+    "probe-backbone": probe_backbone,
+    "cache-latents": "usp.latent.cache:cache_latents_command",
+    "sample": "usp.sample.run:sample_command",
+    "evaluate": "usp.evaluate.reference:evaluate_command",
+    "demo": "usp.demo.pipeline:demo_command",
+    "init": "usp.recipe_tools.init:init_command",
+    "list": "usp.recipe_tools.listing:list_command",
+    "reference": "usp.evaluate.reference:reference_command",
+    "fetch": "usp.recipe_tools.fetch:fetch_command",
+    "compare-run": "usp.evaluate.compare:compare_command",
+    "reconstruct": "usp.evaluate.reconstruct:reconstruct_command",
+    "export": "usp.export:export_command",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,47 +120,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     examples: list[str] = []
 
-    def command(name: str, func, what: str, *example: str, parents=()):
+    def command(name: str, what: str, *example: str, parents=()):
         examples.extend(example)
         p = sub.add_parser(name, help=what, parents=[shared, *parents], formatter_class=argparse.RawTextHelpFormatter,
                            description="examples:\n" + "\n".join(f"  {line}" for line in example))
-        p.set_defaults(func=func)
+        p.set_defaults(func=CALLS[name])
         return p.add_argument
 
     for name in TRAIN_COMMANDS:
-        arg = command(name, cmd_train, f"train: {name}", *TRAIN_EXAMPLES[name], parents=[recipe])
+        arg = command(name, f"train: {name}", *TRAIN_EXAMPLES[name], parents=[recipe])
         arg("--resume", default="auto", help="auto: continue from the run folder's latest checkpoint (default); "
                                               "none: start fresh (refuses to overwrite); or a state_*.pt path")
         if name == "probe":
             arg("--fast", action="store_true", help="frozen features + logistic regression and k-NN (NOT the paper's)")
 
-    arg = command("probe-backbone", cmd_probe_backbone, "frozen-feature probe of a DiT/SiT generator's blocks at "
-                  "noise levels", "usp probe-backbone runs/fmnist-dit-usp/checkpoints/weights_0001500.safetensors "
-                  "--blocks 2 4 --noise-levels 0.1 0.5", parents=[weights])
+    arg = command("probe-backbone", "frozen-feature probe of a DiT/SiT generator's blocks at noise levels",
+                  "usp probe-backbone runs/fmnist-dit-usp/checkpoints/weights_0001500.safetensors --blocks 2 4 "
+                  "--noise-levels 0.1 0.5", parents=[weights])
     arg("--blocks", type=_positive_int, default=[2, 4], nargs="+", help="mean-pooled tokens after these blocks")
     arg("--noise-levels", type=_unit_float, default=[0.1, 0.5], nargs="+", help="s in [0, 1] (0 = data, 1 = noise)")
     arg("--model", help="a checkpoint without usp metadata: its registry name")
     arg("--out", help="also write the result JSON here")
 
-    arg = command("cache-latents", cmd_cache_latents, "encode a dataset once into a memory-mapped latent cache",
+    arg = command("cache-latents", "encode a dataset once into a memory-mapped latent cache",
                   "usp cache-latents configs/fmnist/pretrain.yaml --splits train test", parents=[recipe])
     arg("--out", help="cache folder (default: the recipe's latent.cache)")
     arg("--splits", nargs="+", default=["train"], help="splits to encode (default: train)")
-    arg("--batch-size", type=int, default=64)
+    arg("--batch-size", type=_positive_int, help="images per batch (default: the recipe's latent.vae_batch)")
 
-    arg = command("sample", cmd_sample, "class-conditional samples: PNG grid + ADM-format NPZ (torchrun-sharded)",
+    arg = command("sample", "class-conditional samples: PNG grid + ADM-format NPZ (torchrun-sharded)",
                   "usp sample runs/fmnist-dit-usp/checkpoints/weights_0002000.safetensors --num-samples 1000 "
-                  "generation.cfg_scale=2   # or generation.preset=dit|repa",
-                  parents=[weights])
+                  "generation.cfg_scale=2   # or generation.preset=dit|repa", parents=[weights])
     arg("--model", help="registry name for a public checkpoint without usp metadata, e.g. dit_xl_2")
     arg("--out", help="output folder (default: <run>/samples_<N>)")
     arg("--num-samples", type=int, default=64)
     arg("--seed", type=int, default=0)
     arg("--balanced", action="store_true", help="labels i %% num_classes instead of random labels")
-    arg("--batch-size", type=int, default=64)
+    arg("--batch-size", type=_positive_int, help="samples per batch and rank (default: the recipe's train.eval_batch)")
     arg("--grid", type=int, default=64, help="images in the PNG grid")
 
-    arg = command("evaluate", cmd_evaluate, "FID, sFID, IS, precision, recall with ADM's definitions",
+    arg = command("evaluate", "FID, sFID, IS, precision, recall with ADM's definitions",
                   "usp evaluate VIRTUAL_imagenet256_labeled.npz samples_50000.npz --out metrics.json")
     arg("ref", help="ADM reference batch (.npz with arr_0 and/or mu, sigma, mu_s, sigma_s)")
     arg("samples", help="samples .npz (arr_0 uint8 N×H×W×3)")
@@ -234,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--batch-size", type=int, default=50)
     arg("--device", help="default: cuda when there is one, else cpu")
 
-    arg = command("demo", cmd_demo, "the whole method on Fashion-MNIST (or --data DIR) on one CPU, with a report",
+    arg = command("demo", "the whole method on Fashion-MNIST (or --data DIR) on one CPU, with a report",
                   "usp demo --out demo_out   # resumable: finished stages are skipped",
                   "usp demo --data my_images --quick --out my_demo    # the whole pipeline and report on my_images",
                   parents=[tree])
@@ -244,16 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--full", action="store_true", help="the reproduction (about an hour on 2 CPU cores): DiT and SiT, 1 000 steps")
     arg("--seed", type=int, default=0)
 
-    arg = command("init", cmd_init, "scan an ImageFolder tree and write a recipe set for it",
+    arg = command("init", "scan an ImageFolder tree and write a recipe set for it",
                   "usp init --data my_images --out my_usp   # scan my_images/{train,val}/<class>/, write recipes",
                   parents=[tree])
     arg("--data", required=True, help="DIR/{train,val}/<class>/<image> (ImageNet layout)")
     arg("--out", help="folder for recipes/ and runs (default: usp_<data folder name>)")
 
-    arg = command("list", cmd_list, "models, latent spaces and shipped recipes, one line each", "usp list recipes")
+    arg = command("list", "models, latent spaces and shipped recipes, one line each", "usp list recipes")
     arg("what", nargs="?", choices=("models", "latent-spaces", "recipes", "all"), default="all")
 
-    arg = command("reference", cmd_reference, "an ADM-format reference batch (ADM centre crop) from an image folder",
+    arg = command("reference", "an ADM-format reference batch (ADM centre crop) from an image folder",
                   "usp reference my_images/val --out ref.npz --image-size 32")
     arg("folder", help="a folder of images, searched recursively")
     arg("--out", required=True, help="the .npz to write (arr_0 uint8 N×H×W×3)")
@@ -261,15 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--num", type=int, help="a random subset of this many images (default: all)")
     arg("--seed", type=int, default=0)
 
-    arg = command("fetch", cmd_fetch, "download the hub assets of recipes (VAE, Inception) for an offline machine",
+    arg = command("fetch", "download the hub assets of recipes (VAE, Inception) for an offline machine",
                   "usp fetch pretrain/vit_b_2_sdvae_224 --cache usp_assets   # with network, for offline jobs")
     arg("recipes", nargs="+", help="recipes (paths or shipped names) whose assets to download")
     arg("--cache", required=True, help="one folder for everything (copy it to the offline machine)")
     arg("--no-inception", action="store_true", help="skip the FID Inception weights")
 
-    arg = command("compare-run", cmd_compare_run, "a run against a reference: loss, lr, FD side by side; where it "
-                  "diverges", "usp compare-run demo_out/runs/fmnist-sit-usp docs/demo/reference/sit_usp   # exit "
-                  "status 1 when the run leaves the reference's band")
+    arg = command("compare-run", "a run against a reference: loss, lr, FD side by side; where it diverges",
+                  "usp compare-run demo_out/runs/fmnist-sit-usp docs/demo/reference/sit_usp   # exit status 1 when "
+                  "the run leaves the reference's band")
     arg("run", help="a run folder (holding log.jsonl) or its log.jsonl")
     arg("reference", help="a run folder, a log.jsonl, or a folder of run folders (several seeds: their envelope)")
     arg("--loss-tol", type=_fraction, help="relative loss tolerance around the band (default 0.05)")
@@ -277,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--patience", type=_positive_int, default=2, help="logged steps in a row outside the band that leave it")
     arg("--skip", type=_fraction, help="fraction of the steps shown, not judged: the initial transient (default 0.2)")
 
-    arg = command("reconstruct", cmd_reconstruct, "the restoration figure: original | masked | reconstruction",
+    arg = command("reconstruct", "the restoration figure: original | masked | reconstruction",
                   "usp reconstruct runs/fmnist-pretrain/checkpoints/weights_0000200.safetensors --out restore.png",
                   parents=[weights])
     arg("--out", default="reconstruction.png")
@@ -285,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--mask-ratio", type=float, default=0.75)
     arg("--seed", type=int, default=0)
 
-    arg = command("export", cmd_export, "weights -> a diffusers, timm or Hub folder (with a model card); no upload",
+    arg = command("export", "weights -> a diffusers, timm or Hub folder (with a model card); no upload",
                   "usp export runs/fmnist-sit-usp --to hub sit_hub   # diffusers / timm folder + README.md model card")
     arg("weights", help="weights_*.safetensors of a usp run, or its run folder (the latest)")
     arg("--to", required=True, choices=("diffusers", "timm", "hub"),
@@ -324,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"`usp {args.command}` takes no key=value overrides, got {' '.join(overrides)}")
         args.overrides = [*args.overrides, *overrides]
     try:
-        (dry_run if args.dry_run else args.func)(args)
+        (dry_run if args.dry_run else call)(args)
     except (ValueError, FileNotFoundError, FileExistsError, RunError) as err:
         if args.debug or os.environ.get("USP_DEBUG") == "1":
             raise

@@ -23,6 +23,7 @@ from usp.config.loading import (
 )
 from usp.config.sections import (
     GENERATION_PRESETS,
+    PROBE_MIN_STEPS,
     SAMPLERS,
     TASKS,
     ClassifyConfig,
@@ -55,6 +56,7 @@ __all__ = [
     "split_overrides",
     "TaskName",
     "TASKS",
+    "PROBE_MIN_STEPS",
     "RunConfig",
     "LatentConfig",
     "DataConfig",

@@ -59,21 +59,33 @@ class SeededDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
-        index, seed = item
-        # timm's RandAugment draws from Python's and NumPy's generators too: seed all three, then restore.
-        py_state, np_state = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[dict]:
+        """A batch of items (the DataLoader's batched fetch): the global generators are saved and restored once
+        per batch, and Python's and NumPy's are seeded only for a dataset that may draw from them (timm's
+        RandAugment does; a dataset saying `draws_python_random = False` does not), so a cached dataset's items
+        cost microseconds. Each item's draws are those of its own seed either way."""
+        python_rngs = getattr(self.base, "draws_python_random", True)
+        if python_rngs:
+            py_state, np_state = random.getstate(), np.random.get_state()
+        samples = []
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would queue CUDA seeding
-                sample = dict(self.base[index])
-                if self.extras is not None:
-                    sample.update(self.extras())
+                for index, seed in items:
+                    if python_rngs:
+                        random.seed(seed)
+                        np.random.seed(seed % 2**32)
+                    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would queue CUDA seeding
+                    sample = dict(self.base[index])
+                    if self.extras is not None:
+                        sample.update(self.extras())
+                    samples.append(sample)
         finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-        return sample
+            if python_rngs:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+        return samples
 
 
 class DataStream:

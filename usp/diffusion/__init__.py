@@ -7,7 +7,7 @@ the fields of `generation`).
 """
 
 from usp.diffusion.gaussian import GaussianDiffusion, create_diffusion, ddim_sample_loop, p_sample_loop
-from usp.diffusion.objective import DDPM_TIMESTEPS, OBJECTIVES, Objective, build_objective
+from usp.diffusion.objective import DDPM_TIMESTEPS, OBJECTIVES, Objective, build_objective, ode_grid_steps
 from usp.diffusion.transport import Transport, create_transport, sample_ode, sample_sde
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "create_diffusion",
     "create_transport",
     "ddim_sample_loop",
+    "ode_grid_steps",
     "p_sample_loop",
     "sample_ode",
     "sample_sde",

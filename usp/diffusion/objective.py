@@ -26,7 +26,7 @@ from torch import Tensor
 
 from usp.diffusion.gaussian import Generators, create_diffusion, ddim_sample_loop, p_sample_loop
 from usp.diffusion.lightning import sample_t
-from usp.diffusion.transport import create_transport, sample_ode, sample_sde
+from usp.diffusion.transport import FIXED_GRID_METHODS, create_transport, sample_ode, sample_sde
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -129,11 +129,17 @@ class TransportObjective:
         if gen.sampler == "sde":
             return sample_sde(self.transport, model_fn, noise, num_steps=int(gen.sample_steps),
                               generator=generator)[0]
-        # sample_steps counts Euler/Heun steps (REPA's num_steps); sample_ode, as SiT's, counts the grid's points, one
-        # more. (SiT's and LightningDiT's "250" is 250 points = 249 steps: their grids are sample_steps 249 here.)
-        steps = 49 if gen.ode_method == "dopri5" or not gen.sample_steps.isdigit() else int(gen.sample_steps)
-        return sample_ode(self.transport, model_fn, noise, method=gen.ode_method, num_steps=steps + 1,
+        # sample_ode, as SiT's, counts the grid's points: one more than its steps
+        return sample_ode(self.transport, model_fn, noise, method=gen.ode_method, num_steps=ode_grid_steps(gen) + 1,
                           timestep_shift=gen.timestep_shift)[0]
+
+
+def ode_grid_steps(gen: Any) -> int:
+    """The steps of the fixed grid a recipe's ODE sampler walks: `sample_steps` for Euler / Heun (REPA's num_steps;
+    SiT's and LightningDiT's "250" is 250 points = 249 steps, so their grids are sample_steps 249 here). An adaptive
+    solver (dopri5) picks its own steps; a fixed-grid stand-in for it takes 49."""
+    fixed = gen.ode_method in FIXED_GRID_METHODS and gen.sample_steps.isdigit()
+    return int(gen.sample_steps) if fixed else 49
 
 
 OBJECTIVES: dict[str, type] = {"ddpm": DDPMObjective, "transport": TransportObjective}

@@ -268,6 +268,10 @@ def create_transport(path: str = "linear", prediction: str = "velocity", loss_we
 # --------------------------------------------------------------------------------------------
 
 
+# The ODE solvers that walk a fixed grid (sample_ode's own loop); any other name is an adaptive torchdiffeq method.
+FIXED_GRID_METHODS = ("euler", "heun")
+
+
 @torch.no_grad()
 def sample_ode(transport: Transport, model_fn: ModelFn, x0: Tensor, *, method: str = "dopri5", num_steps: int = 50,
                atol: float = 1e-6, rtol: float = 1e-3, timestep_shift: float = 0.0) -> tuple[Tensor, int]:
@@ -287,7 +291,7 @@ def sample_ode(transport: Transport, model_fn: ModelFn, x0: Tensor, *, method: s
         return transport.velocity(model_fn, x, t.expand(x.shape[0]).to(x.dtype)).to(x.dtype)
 
     method = method.lower()
-    if method in ("euler", "heun"):
+    if method in FIXED_GRID_METHODS:
         if num_steps < 2:
             raise ValueError(f"num_steps counts grid points and must be at least 2, got {num_steps}")
         ts = shift_grid(torch.linspace(t0, t1, num_steps, device=x0.device, dtype=x0.dtype), timestep_shift)

@@ -11,6 +11,7 @@ t = 1 − s (t = 1 is data).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,9 +78,10 @@ def probe_backbone(model: DiT, config: Config, weights: str | Path, blocks: Sequ
     torch.manual_seed(config.run.seed)
     train_data = LatentData(config, config.data.split, augment=False)
     test_data = LatentData(config, config.data.eval_split, augment=False)
-    objective = build_objective(config.generation)
-    train_f, train_y = split_features(model, objective, train_data, blocks, noise_levels, seed=config.run.seed)
-    test_f, test_y = split_features(model, objective, test_data, blocks, noise_levels, seed=config.run.seed + 10**7)
+    objective, batch = build_objective(config.generation), config.train.eval_batch
+    train_f, train_y = split_features(model, objective, train_data, blocks, noise_levels, config.run.seed, batch)
+    test_f, test_y = split_features(model, objective, test_data, blocks, noise_levels, config.run.seed + 10**7,
+                                    batch)
     rows = []
     for k in blocks:
         for s in noise_levels:
@@ -103,3 +105,14 @@ def format_table(result: dict) -> str:
     lines += [f"| {r['block']} | {r['noise_level']:g} | {r['model_t']:g} | {r['logistic_top1']:.2f} | "
               f"{r['knn_top1']:.2f} |" for r in result["rows"]]
     return "\n".join(lines)
+
+
+def probe_command(model: DiT, config: Config, weights: str | Path, blocks: Sequence[int], noise_levels: Sequence[float],
+                  out: str | Path | None = None) -> None:
+    """`usp probe-backbone WEIGHTS` once the generator is loaded: `probe_backbone`, printed as JSON and as a table,
+    and written to `out` (JSON) if given."""
+    result = probe_backbone(model, config, weights, blocks=blocks, noise_levels=noise_levels)
+    print(json.dumps(result, indent=1))
+    print(format_table(result))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))

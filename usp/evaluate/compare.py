@@ -178,3 +178,11 @@ def compare_runs(run: str | Path, reference: str | Path, loss_tol: float | None 
     result = compare(runs[0], references, loss_tol=loss_tol, fd_tol=fd_tol, patience=patience, skip=skip)
     text = format_comparison(result, runs[0].name, [r.name for r in references], loss_tol, fd_tol, patience, skip)
     return text, result.diverged
+
+
+def compare_command(run: str, reference: str, loss_tol: float | None = None, fd_tol: float | None = None,
+                    patience: int = 2, skip: float | None = None) -> int:
+    """`usp compare-run RUN REFERENCE`: prints `compare_runs`' table -> the exit status, 1 when RUN left the band."""
+    text, diverged = compare_runs(run, reference, loss_tol=loss_tol, fd_tol=fd_tol, patience=patience, skip=skip)
+    print(text)
+    return 1 if diverged else 0

@@ -12,7 +12,7 @@ from usp.data.images import build_image_dataset, build_transform
 from usp.latent.vae import LatentSpace
 from usp.models import create_model
 from usp.models.vit import patchify, unpatchify
-from usp.run.weights import load_strict, load_weights
+from usp.run.weights import load_strict, load_weights, resolve_weights
 
 
 def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, mask_ratio: float = 0.75,
@@ -25,7 +25,8 @@ def reconstruct_grid(weights: str | Path, out: str | Path, num_images: int = 8, 
                          "checkpoint (runs/<name>/checkpoints/weights_*.safetensors of `usp pretrain`)")
     config = config_from_dict(meta["config"], overrides)
     dc = config.data
-    latent = LatentSpace.load(config.latent.space, config.latent.path, cache=config.latent.cache)
+    latent = LatentSpace.load(config.latent.space, config.latent.path, cache=config.latent.cache,
+                              max_batch=config.latent.vae_batch)
     latent_size = latent.check_image_size(dc.image_size)
     model = create_model(config.model.name, ("vit", "vit_lightning"), latent_size=latent_size,
                          in_channels=latent.channels, norm_pix_loss=config.pretrain.norm_pix_loss,
@@ -93,3 +94,11 @@ def _label_rows(path: Path, names: tuple[str, ...]) -> None:
     for i, name in enumerate(names):
         draw.text((2, int(row * (i + 0.5)) - 5), name, fill="black")
     labelled.save(path)
+
+
+def reconstruct_command(weights: str, overrides: list[str], out: str = "reconstruction.png", num_images: int = 8,
+                        mask_ratio: float = 0.75, seed: int = 0) -> None:
+    """`usp reconstruct WEIGHTS`: `reconstruct_grid` of a weights file or a run folder (its latest)."""
+    path = reconstruct_grid(resolve_weights(weights), out, num_images=num_images, mask_ratio=mask_ratio, seed=seed,
+                            overrides=overrides)
+    print(f"wrote {path}")

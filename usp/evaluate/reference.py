@@ -275,16 +275,16 @@ def format_metrics_table(metrics: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-def main(
+def evaluate_command(
     ref: str | os.PathLike,
     samples: str | os.PathLike,
-    out_json: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
     inception_weights: str | os.PathLike | None = None,
     batch_size: int = 50,
     device: str | None = None,
     fd_method: Literal["sqrtm", "eigh"] = "sqrtm",
 ) -> dict[str, float]:
-    """`usp evaluate REF.npz SAMPLES.npz`: ADM's metrics, printed as a table and written to `out_json`.
+    """`usp evaluate REF.npz SAMPLES.npz`: ADM's metrics, printed as a table and written to `out` (JSON).
     `device`: default cuda when there is one."""
     for name, path in (("reference", ref), ("samples", samples)):  # before Inception loads (slow)
         if not Path(path).is_file():
@@ -296,6 +296,11 @@ def main(
     extractor = InceptionFeatures.from_weights(inception_weights, device=device)
     metrics = evaluate_npz(ref, samples, extractor, batch_size=batch_size, progress=True, fd_method=fd_method)
     print(format_metrics_table(metrics))
-    if out_json is not None:
-        write_metrics_json(out_json, metrics, ref=str(ref), samples=str(samples), fd_method=fd_method)
+    if out is not None:
+        write_metrics_json(out, metrics, ref=str(ref), samples=str(samples), fd_method=fd_method)
     return metrics
+
+
+def reference_command(folder: str, out: str, image_size: int = 256, num: int | None = None, seed: int = 0) -> None:
+    """`usp reference FOLDER --out REF.npz`: `reference_batch_from_folder`."""
+    print(f"wrote {reference_batch_from_folder(folder, out, image_size, num_images=num, seed=seed)}")

@@ -7,8 +7,8 @@
 Only `weights_*.safetensors` files a usp run wrote are exported: their metadata carries the recipe that says
 which network, latent space and objective the tensors belong to. `OUT` must not exist yet; it is written in a
 temporary folder beside it and renamed when complete. May import: config, run (the weights and log readers),
-models, data, latent, sample (the generator builder). Reading a diffusers folder back is `usp.sample.diffusers`;
-the key mapping both use is `usp.models.diffusers`.
+models, diffusion (the sampler's grid, for the model card), data, latent, sample (the generator builder). Reading a
+diffusers folder back is `usp.sample.diffusers`; the key mapping both use is `usp.models.diffusers`.
 """
 
 from __future__ import annotations
@@ -106,3 +106,11 @@ def _write(target, weights, meta, config, family, out: Path, license: str, sourc
 
     write_timm(weights, config, family, out, names)
     return []
+
+
+def export_command(weights: str, to: str, out: str, license: str = "other") -> None:
+    """`usp export WEIGHTS --to TARGET OUT`: `export`, with its notes for the user."""
+    folder, notes = export(weights, to, out, license=license)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {folder}")

@@ -19,6 +19,10 @@ HUB_DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist"}
 NO_FORM = {"lightningdit": "diffusers has no LightningDiT transformer (SwiGLU, RMSNorm, 2-D RoPE)",
            "vit_lightning": "timm's VisionTransformer has no encoder with LightningDiT's blocks (RMSNorm, SwiGLU, "
                             "RoPE)"}
+# The step of the SiT card's diffusers-only loop, per ODE solver of the run: its name and the line that sets the slope
+# k2 at the step's end (Euler reuses k1). Any other solver (the SDE, adaptive dopri5) is written as Euler steps on
+# the grid `usp.diffusion.ode_grid_steps` gives it, and the card says so.
+LOOP_STEPS = {"euler": ("Euler", "k2 = k1"), "heun": ("Heun", "k2 = velocity(x + (t1 - t0) * k1, t1, y)")}
 TASK_TAGS = {"pretrain": ["masked-latent-modeling", "feature-extraction"], "probe": ["image-classification"],
              "classify": ["image-classification"], "finetune": ["class-conditional-image-generation"]}
 
@@ -144,10 +148,12 @@ generator per image, `torch.Generator().manual_seed(seed + i + 1_000_003)`."""
 
 def _sit_loop(config, g: int | None, side: int) -> str:
     """A diffusers-only loop that is usp's fixed-grid ODE sampler (linear path, velocity prediction)."""
+    from usp.diffusion import ode_grid_steps
+
     gen = config.generation
-    heun = gen.sampler == "ode" and gen.ode_method == "heun"
-    # sample_steps counts Euler / Heun steps: the grid has one point more (usp.sample.guided.sample_latents)
-    steps = int(gen.sample_steps) if gen.sample_steps.isdigit() and gen.ode_method != "dopri5" else 49
+    steps = ode_grid_steps(gen)  # as the run's sampler: the grid has one point more
+    solver = gen.ode_method if gen.sampler == "ode" and gen.ode_method in LOOP_STEPS else "euler"
+    step, second_slope = LOOP_STEPS[solver]
     mix = "cond, uncond = v.chunk(2)" if g is None else f"cond, uncond = v[:, :{g}].chunk(2)  # guided channels"
     mixed = ("uncond + s * (cond - uncond)" if g is None
              else f"torch.cat([uncond + s * (cond - uncond), v[:len(x), {g}:]], 1)")
@@ -159,10 +165,10 @@ def _sit_loop(config, g: int | None, side: int) -> str:
     grid = f"ts = torch.linspace(0, 1, {steps + 1})" + (
         f"\n    ts = {shift} * ts / (1 + ({shift} - 1) * ts)  # the run's timestep shift" if shift > 0 else "")
     note = (f" (the run itself sampled with the {gen.sampler.upper()}, which this loop does not do)"
-            if gen.sampler != "ode" else " (dopri5 is adaptive: this is a 49-step grid instead)"
-            if gen.ode_method == "dopri5" else "")
+            if gen.sampler != "ode" else "" if gen.ode_method in LOOP_STEPS
+            else f" ({gen.ode_method} is adaptive: this is a {steps}-step grid instead)")
     return f"""diffusers has no SiT pipeline; the transformer loads as a `DiTTransformer2DModel` and this loop is usp's
-{'Heun' if heun else 'Euler'} ODE sampler ({steps} steps, t from 0 = noise to 1 = data, linear path, velocity){note}:
+{step} ODE sampler ({steps} steps, t from 0 = noise to 1 = data, linear path, velocity){note}:
 ```python
 import torch
 from diffusers import DiTTransformer2DModel
@@ -188,7 +194,7 @@ def sample(y, generators):
     {grid}
     for t0, t1 in zip(ts[:-1], ts[1:]):
         k1 = velocity(x, t0, y)
-        {'k2 = velocity(x + (t1 - t0) * k1, t1, y)' if heun else 'k2 = k1'}
+        {second_slope}
         x = x + (t1 - t0) * (k1 + k2) / 2
     return x  # normalised latents
 ```

@@ -188,6 +188,8 @@ def check_header(header: dict, latent_space: str, image_size: int, path: Path) -
 class LatentCacheDataset(Dataset):
     """Items {"moments": (2, 2C, h, w) float32 [plain, flipped], "label": int}; memory-mapped."""
 
+    draws_python_random = False  # SeededDataset need not seed Python's and NumPy's generators for it
+
     def __init__(self, folder: str | Path, split: str, latent_space: str, image_size: int, limit: int | None = None):
         self.path = cache_path(folder, split)
         self.header = read_header(self.path)
@@ -263,7 +265,7 @@ def verify_cache(config, splits: list[str]) -> list[LatentCacheDataset]:
     return datasets
 
 
-def cache_recipe(config, splits: list[str], folder: str | Path | None = None, batch_size: int = 64,
+def cache_recipe(config, splits: list[str], folder: str | Path | None = None, batch_size: int | None = None,
                  device: str | None = None, progress: bool = True) -> dict[str, dict]:
     """`usp cache-latents`: encode the recipe's images of each split (the ADM centre crop for image folders, as DiT
     trains; no flip, the cache stores it) into `folder` (default latent.cache), with REPA's teacher tokens beside
@@ -278,7 +280,9 @@ def cache_recipe(config, splits: list[str], folder: str | Path | None = None, ba
         raise ValueError("no cache folder: give --out DIR or set latent.cache in the recipe")
     if device is None:
         device = "cuda" if torch.cuda.is_available() and config.run.device != "cpu" else "cpu"
-    latent = LatentSpace.load(lc.space, lc.path, cache=folder)  # per-channel statistics: computed into the cache
+    latent = LatentSpace.load(lc.space, lc.path, cache=folder,  # per-channel statistics: computed into the cache
+                              max_batch=lc.vae_batch)
+    batch_size = batch_size or lc.vae_batch  # images per batch (the VAE sees them and their flips in vae_batch calls)
     latent.check_image_size(dc.image_size)
     transform = build_transform(dc.image_size, cache_crop(dc.source), hflip=False, normalize=dc.normalize)
     made = {}
@@ -289,3 +293,11 @@ def cache_recipe(config, splits: list[str], folder: str | Path | None = None, ba
         made[split] = {"images": len(dataset), "path": path,
                        "tokens": build_recipe_features(config, dataset, split, folder, device)}
     return made
+
+
+def cache_latents_command(config, splits: list[str], out: str | None = None, batch_size: int | None = None) -> None:
+    """`usp cache-latents RECIPE`: `cache_recipe`, reported one line per split (and its REPA tokens)."""
+    for split, made in cache_recipe(config, splits, out, batch_size).items():
+        print(f"{split}: {made['images']} images -> {made['path']}")
+        if made["tokens"]:
+            print(f"{split}: REPA teacher tokens -> {made['tokens']}")

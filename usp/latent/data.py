@@ -44,7 +44,7 @@ class LatentData:
                                                      dc.crop_scale, dc.hflip and augment, dc.normalize)
             self.dataset = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download, dc.exclude)
             self.vae = LatentSpace.load(lc.space, lc.path, precision=lc.vae_precision,
-                                        channels_last=lc.vae_channels_last)
+                                        channels_last=lc.vae_channels_last, max_batch=lc.vae_batch)
             self.scale, self.shift = self.vae.scale, self.vae.shift
 
     @property
@@ -55,7 +55,8 @@ class LatentData:
         """Per-sample randomness of the latent itself: the flip coin and the posterior noise."""
         out = {}
         if self.cached:
-            out["flip"] = torch.rand(()) < 0.5 if self.flip else torch.tensor(False)
+            # a Python bool (collated into a bool tensor): no tensor op per item, the same coin as `torch.rand(()) < .5`
+            out["flip"] = torch.rand(()).item() < 0.5 if self.flip else False
         if self.sample_posterior:
             out["posterior_eps"] = torch.randn(self.spec.channels, self.latent_size, self.latent_size)
         return out

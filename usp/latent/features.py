@@ -134,7 +134,7 @@ def build_recipe_features(config, images: Dataset, split: str, cache_folder: str
         return None  # already built by this teacher for this cache
     except (FileNotFoundError, ValueError):
         pass
-    return build_features(teacher, images, latents, folder, split, grid, device=device)
+    return build_features(teacher, images, latents, folder, split, grid, config.train.eval_batch, device)
 
 
 class RepaFeatureDataset(Dataset):
@@ -167,3 +167,41 @@ class RepaFeatureDataset(Dataset):
         if self._array is None:  # opened lazily: each DataLoader worker maps the file itself
             self._array = np.load(self.path, mmap_mode="r")
         return {**self.latents[index], "repa": torch.from_numpy(np.array(self._array[index], dtype=np.float32))}
+
+
+class CachedLatentsWithImages(Dataset):
+    """REPA with cached latents and the teacher online: each item is the cache's {"moments", "label"} and the
+    image it was made from, {"image": (3, H, W)}, unflipped and cropped as the cache was (ADM centre crop for
+    folders). The flip coin that picks the cached latent's orientation flips the image in the task, so the
+    teacher sees the orientation of the latent it is aligned with (REPA's own loader pairs the two this way)."""
+
+    def __init__(self, latents: LatentCacheDataset, images: Dataset):
+        if len(images) != len(latents):
+            raise ValueError(f"{len(images)} images for a latent cache of {len(latents)}: repa.features=online reads "
+                             "the images the cache was made from (check data.root, data.limit, data.exclude)")
+        self.latents, self.images = latents, images
+
+    @property
+    def classes(self) -> list[int]:
+        return self.latents.classes
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, index: int) -> dict:
+        item, image = self.latents[index], self.images[index]
+        if int(image["label"]) != item["label"]:
+            raise ValueError(f"image {index} has label {image['label']} but the latent cache {item['label']}: these "
+                             "are not the images the cache was made from (check data.root / data.limit)")
+        return {**item, "image": image["image"]}
+
+
+def cached_with_images(config, latents: LatentCacheDataset, split: str) -> CachedLatentsWithImages:
+    """The latent cache of `split` paired with the recipe's images, transformed as `usp cache-latents` does."""
+    from usp.data.images import build_image_dataset, build_transform
+    from usp.latent.cache import cache_crop
+
+    dc = config.data
+    transform = build_transform(dc.image_size, cache_crop(dc.source), hflip=False, normalize=dc.normalize)
+    images = build_image_dataset(dc.source, dc.root, split, transform, dc.limit, dc.download, dc.exclude)
+    return CachedLatentsWithImages(latents, images)

@@ -208,6 +208,8 @@ def moments_to_latents(moments: torch.Tensor, scale: Stat, shift: Stat,
 
 
 VaePrecision = Literal["fp32", "bf16", "fp16"]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+VAE_BATCH = 8  # images per VAE call unless the recipe says otherwise (latent.vae_batch; fits 24 GB at 512 px)
 
 
 class LatentSpace(nn.Module):
@@ -217,12 +219,14 @@ class LatentSpace(nn.Module):
     'bf16' / 'fp16' autocast around the VAE (the official USP/DiT code encodes under
     fp16 autocast on GPUs; the SD-VAE encode costs ~3.6× a ViT-B/2 training step in FLOPs). Moments and images come
     back as float32 whatever the precision. channels_last: the VAE's convolutions in NHWC layout (faster cuDNN and
-    oneDNN kernels); it changes no value beyond float rounding.
+    oneDNN kernels); it changes no value beyond float rounding. max_batch: images per VAE call; larger inputs are
+    split (the VAE is frozen and per-image, so the result is the same), which bounds its activation memory.
     """
 
     def __init__(self, name: str, vae: nn.Module, scale: Stat | None, shift: Stat | None = 0.0, *,
-                 precision: VaePrecision | None = None, channels_last: bool = False):
+                 precision: VaePrecision | None = None, channels_last: bool = False, max_batch: int = VAE_BATCH):
         super().__init__()
+        self.max_batch = max_batch
         self.name, self.vae, self.scale, self.shift = name, vae.eval().requires_grad_(False), scale, shift
         self.set_speed(precision, channels_last)
         spec = spec_of(name)
@@ -254,7 +258,8 @@ class LatentSpace(nn.Module):
 
     @classmethod
     def load(cls, name: str, path: str | None = None, *, cache: str | None = None,
-             precision: VaePrecision | None = None, channels_last: bool = False) -> LatentSpace:
+             precision: VaePrecision | None = None, channels_last: bool = False,
+             max_batch: int = VAE_BATCH) -> LatentSpace:
         """Load the VAE of latent space `name` from `path` (a hub id, a diffusers folder or a checkpoint).
 
         cache: the latent cache folder, where per-channel statistics are read when none are published beside the
@@ -296,7 +301,7 @@ class LatentSpace(nn.Module):
             if cache is None or spec.norm != "channel_stats":
                 raise
             scale, shift = None, None  # encoding raw moments needs none; usp.latent.stats computes them
-        return cls(name, vae, scale, shift, precision=precision, channels_last=channels_last)
+        return cls(name, vae, scale, shift, precision=precision, channels_last=channels_last, max_batch=max_batch)
 
     def check_image_size(self, image_size: int) -> int:
         """The latent side for `image_size`, or a ValueError naming the fix."""
@@ -311,6 +316,8 @@ class LatentSpace(nn.Module):
     def moments(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, 3, H, W) in [-1, 1] -> raw posterior moments (N, 2C, H/f, W/f): [mean | logvar]."""
         self.check_image_size(images.shape[-1])
+        if len(images) > self.max_batch:  # (N, ...) in calls of max_batch images: bounded activations
+            return torch.cat([self.moments(chunk) for chunk in images.split(self.max_batch)])
         images, autocast = self._fast(images)
         with autocast:
             return self.vae.encode(images).latent_dist.parameters.float().contiguous()
@@ -329,6 +336,8 @@ class LatentSpace(nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """scaled latents (N, C, h, w) -> images (N, 3, h·f, w·f) in [-1, 1] (not clamped)."""
+        if len(latents) > self.max_batch:
+            return torch.cat([self.decode(chunk) for chunk in latents.split(self.max_batch)])
         latents, autocast = self._fast(denormalise(latents, self.scale, self.shift))
         with autocast:
             return self.vae.decode(latents).sample.float().contiguous()

@@ -170,8 +170,15 @@ def load_teacher(name: str = DEFAULT_TEACHER, weights: str | Mapping[str, torch.
         import timm
 
         overlay = {"hf_hub_id": weights.removeprefix("hf-hub:")} if weights != "timm" else None
-        encoder = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay,
-                                    **({"img_size": img_size} if img_size else {}))
+        try:
+            encoder = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay,
+                                        **({"img_size": img_size} if img_size else {}))
+        except OSError as err:  # offline, or not in the hub cache: name the key that takes a local file
+            raise FileNotFoundError(
+                f"cannot download the REPA teacher {name!r} (repa.teacher_weights={weights}: "
+                f"{str(err).splitlines()[0]}). Without network: set repa.teacher_weights to a local file of its "
+                "weights in timm's layout (.safetensors / .pt), or HF_HOME to a Hugging Face cache that holds them"
+            ) from err
         return Teacher(encoder, name).to(device)
     kwargs = dict(timm_kwargs or {})
     if img_size is not None:  # the recipe's resolution wins over the file's (the position table is resampled)

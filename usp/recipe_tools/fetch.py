@@ -55,3 +55,8 @@ def fetch(recipes: list[str], cache: str | os.PathLike, inception: bool = True) 
         lines.append(f"Inception weights -> {target}")
         env.append(f"export {WEIGHTS_ENV}={target}")
     return [*lines, "on the offline machine (same folder, copied or shared):", *env]
+
+
+def fetch_command(recipes: list[str], cache: str, no_inception: bool = False) -> None:
+    """`usp fetch RECIPE... --cache DIR`: `fetch`, one line per asset, then the offline machine's environment."""
+    print("\n".join(fetch(recipes, cache, inception=not no_inception)))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from usp.config import config_from_dict, read_recipe
+from usp.config import PROBE_MIN_STEPS, config_from_dict, read_recipe
 from usp.data.scan import ScanReport, scan_image_folder
 
 SD_VAE_MIN_SIZE = 128  # below this an SD-VAE latent is under 16×16: too coarse; a small f4 VAE is trained instead
@@ -106,11 +106,15 @@ def decided(name: str, scan: ScanReport, c: RecipeChoices, exclude: Path | None)
         values["train"] = {"max_steps": steps, "global_batch": c.batch, "ckpt_every": max(50, steps // 4),
                            "log_every": 50, "keep_last": 1}
     elif name in ("probe", "classify"):
-        steps = c.steps(90, 100, 50000)
+        # The paper's epochs (probe 90, fine-tune 100) at a batch that gives >= 4 steps per epoch; the probe's
+        # schedule stays in epochs so the engine's floor (PROBE_MIN_STEPS) stretches it on small data at the same
+        # summed lr (measured: docs/probe_small_data.md), the fine-tune's is at least that many steps.
+        steps = c.steps(90 if name == "probe" else 100, PROBE_MIN_STEPS, 50000)
         values["model"] = downstream
         values["train"] = {"max_steps": steps, "global_batch": c.batch, "ckpt_every": max(50, steps // 2),
                            "log_every": 20}
         if name == "probe":
+            values["train"].update({"max_steps": None, "epochs": 90})
             values["optim"] = {"warmup_epochs": 1.0}
         else:  # on cached latents: no mixup / RandAugment / erasing, which need images encoded on the fly
             values["classify"] = {"mixup": 0.0, "cutmix": 0.0, "randaug": None, "random_erasing": 0.0,
@@ -188,3 +192,8 @@ def summary(scan: ScanReport, choices: RecipeChoices, files: list[Path]) -> str:
         f"usp probe {first / 'probe.yaml'} --fast"]
     return "\n".join([scan.table(), "", f"{c.image_size} px, latent space {c.latent_space}, {c.num_classes} classes; "
                       "recipes:", *(f"  {path}" for path in files), "next:", *(f"  {line}" for line in steps)])
+
+
+def init_command(data: str, out: str | None = None, image_size: int | None = None, flip: bool = True) -> None:
+    """`usp init --data DIR`: `init_recipes`, then its `summary`."""
+    print(summary(*init_recipes(data, out, image_size=image_size, flip=flip)))

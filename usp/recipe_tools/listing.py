@@ -56,3 +56,8 @@ def listing(what: str = "all") -> str:
     blocks = [f"{name}:\n" + "\n".join(f"  {line}" for line in fn()) for name, fn in parts.items()]
     blocks.append(f"(recipes: {recipes_dir()}; run one by name, e.g. `usp pretrain fmnist/pretrain`)")
     return "\n\n".join(blocks)
+
+
+def list_command(what: str = "all") -> None:
+    """`usp list [WHAT]`: prints `listing`."""
+    print(listing(what))

@@ -14,7 +14,7 @@ from usp.models import create_model, model_entry
 from usp.models.dit import DiT
 from usp.models.repa import strip_projectors
 from usp.run.runtime import setup_runtime
-from usp.run.weights import load_strict, load_weights
+from usp.run.weights import load_strict, load_weights, resolve_weights
 from usp.sample.guided import sample_sharded, save_grid
 
 GENERATOR_FAMILIES = ("dit", "sit", "lightningdit")
@@ -65,12 +65,14 @@ def load_generator(weights: str | Path, overrides: list[str] | tuple = (), model
 
 
 def run_sampling(weights: str | Path, overrides: list[str] | tuple = (), out_dir: str | Path | None = None,
-                 num_samples: int = 64, seed: int = 0, balanced: bool = False, batch_size: int = 64,
+                 num_samples: int = 64, seed: int = 0, balanced: bool = False, batch_size: int | None = None,
                  model_name: str | None = None, grid: int = 64) -> Path:
     model, config = load_generator(weights, overrides, model_name)
+    batch_size = batch_size or config.train.eval_batch  # per rank; the VAE decodes latent.vae_batch at a time
     runtime = setup_runtime(config.run.device)
     model.to(runtime.device)
-    latent = LatentSpace.load(config.latent.space, config.latent.path, cache=config.latent.cache).to(runtime.device)
+    latent = LatentSpace.load(config.latent.space, config.latent.path, cache=config.latent.cache,
+                              max_batch=config.latent.vae_batch).to(runtime.device)
     side = latent.check_image_size(config.data.image_size)
     out = Path(out_dir) if out_dir else Path(weights).parent.parent / f"samples_{num_samples}"
     npz = sample_sharded(model, latent.decode, config.generation, out, num_samples, seed, config.model.num_classes,
@@ -84,3 +86,12 @@ def run_sampling(weights: str | Path, overrides: list[str] | tuple = (), out_dir
     if runtime.world_size > 1:
         torch.distributed.destroy_process_group()
     return npz
+
+
+def sample_command(weights: str, overrides: list[str], model: str | None = None, out: str | None = None,
+                   num_samples: int = 64, seed: int = 0, balanced: bool = False, batch_size: int | None = None,
+                   grid: int = 64) -> None:
+    """`usp sample WEIGHTS`: `run_sampling` of a weights file, a run folder (its latest) or a diffusers folder."""
+    path = run_sampling(resolve_weights(weights), overrides, out_dir=out, num_samples=num_samples, seed=seed,
+                        balanced=balanced, batch_size=batch_size, model_name=model, grid=grid)
+    print(f"wrote {path}")

@@ -40,6 +40,7 @@ from usp.run.runtime import (
 )
 from usp.train.flops import device_peak_flops, mfu, training_flops_per_sample
 from usp.train.log import RunLog
+from usp.train.memory import estimate_run
 from usp.train.optim import apply_lr, build_optimizer, lr_at, param_groups
 from usp.train.state import TrainState, update_ema
 
@@ -101,9 +102,14 @@ class BatchPlan:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    lr_factor: float = 1.0  # < 1 when a floor on steps stretched the schedule (min_steps)
 
     @classmethod
-    def of(cls, cfg: TrainConfig, warmup_epochs: float, dataset_len: int, rt: Runtime) -> BatchPlan:
+    def of(cls, cfg: TrainConfig, warmup_epochs: float, dataset_len: int, rt: Runtime, min_steps: int = 0) -> BatchPlan:
+        """min_steps: a floor on the steps of an epoch-based schedule. A small dataset's few large steps (the
+        paper's probe at batch 1 024 on 1 500 images: 10 steps) become `min_steps` finer ones: the schedule is
+        stretched (warm-up included) and the lr scaled by natural / min_steps, so the summed lr — how far the
+        weights travel under LARS or Adam, whose steps scale with lr — is the recipe's."""
         micro_batch, rem = divmod(cfg.global_batch, rt.world_size * cfg.accum_steps)
         if rem or micro_batch == 0:
             raise ValueError(f"train.global_batch={cfg.global_batch} must be divisible by world size "
@@ -112,8 +118,10 @@ class BatchPlan:
         if steps_per_epoch == 0:
             raise ValueError(f"the dataset has {dataset_len} items, fewer than one global batch of "
                              f"{cfg.global_batch}; lower train.global_batch")
-        total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-        return cls(micro_batch, steps_per_epoch, total, min(round(warmup_epochs * steps_per_epoch), total))
+        natural = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+        total = natural if cfg.max_steps else max(natural, min_steps)
+        warmup = min(round(warmup_epochs * steps_per_epoch * total / natural), total)
+        return cls(micro_batch, steps_per_epoch, total, warmup, natural / total)
 
 
 def build_state(config: Config, task: Task, rt: Runtime, plan: BatchPlan) -> TrainState:
@@ -188,8 +196,10 @@ class Loop:
         log.info(f"{config.run.task}: {plan.total_steps} steps × {self.cfg.global_batch} images "
                  f"({plan.steps_per_epoch} steps/epoch, world {rt.world_size}, accum {self.cfg.accum_steps}), "
                  f"peak lr {config.lr:.3g}" + (f" (blr {oc.blr} × {self.cfg.global_batch}/256)" if oc.lr is None
-                                               else "")
-                 + f", device {rt.device}, {describe_precision(self.cfg.amp, rt.device)}")
+                                               else "") + f", device {rt.device}, "
+                 + describe_precision(self.cfg.amp, rt.device)
+                 + (f"; stretched to the floor of {plan.total_steps} steps (train.min_steps), lr × {plan.lr_factor:.3g}"
+                    if plan.lr_factor != 1.0 else ""))
 
     def due(self, every: int, step: int) -> bool:
         return step > 0 and ((every and step % every == 0) or step == self.plan.total_steps)
@@ -200,7 +210,7 @@ class Loop:
     def train_step(self) -> None:
         """One optimiser step over `accum_steps` micro-batches; skipped when the gradients are not finite."""
         state, cfg, rt = self.state, self.cfg, self.rt
-        self.lr = lr_at(state.step, base_lr=self.config.lr, warmup_steps=self.plan.warmup_steps,
+        self.lr = lr_at(state.step, base_lr=self.config.lr * self.plan.lr_factor, warmup_steps=self.plan.warmup_steps,
                         total_steps=self.plan.total_steps, min_lr=self.config.optim.min_lr,
                         schedule=self.config.optim.schedule)
         apply_lr(state.optimizer, self.lr)
@@ -328,8 +338,11 @@ def train(config: Config, task: Task, runtime: Runtime | None = None, resume: st
     rt = runtime or setup_runtime(config.run.device)
     cfg, run_dir = config.train, config.run_dir
     with RunLock(run_dir) if rt.is_main else contextlib.nullcontext():  # one run per folder
-        plan = BatchPlan.of(cfg, config.optim.warmup_epochs, len(task.train_set), rt)
+        plan = BatchPlan.of(cfg, config.optim.warmup_epochs, len(task.train_set), rt, config.min_steps)
         state = build_state(config, task, rt, plan)
+        if rt.is_main:  # before the first step, so a run that will not fit says so in its first lines
+            log.info(estimate_run(config, task, plan.micro_batch, rt.device,
+                                  autocast_dtype(cfg.amp, rt.device)).line() + f" at micro-batch {plan.micro_batch}")
         restore(state, run_dir / "checkpoints", resume, rt)
         if rt.is_main:
             save_config(config, run_dir / "config.yaml")

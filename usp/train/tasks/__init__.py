@@ -1,10 +1,13 @@
 """The tasks the one engine trains: each supplies a model, a dataset, per-sample randomness and the loss of
-a batch (and optionally `evaluate` and `param_groups`). One file per task; `build_task` picks by `run.task`.
+a batch (and optionally `evaluate` and `param_groups`). One file per task; `build_task` picks by `run.task`;
+`train_command` is what the training commands (`usp pretrain`, ...) call.
 
 May import: config, run, data, latent, models, diffusion, evaluate, sample. Never the engine's callers (demo, cli).
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -48,3 +51,19 @@ def build_task(config: Config):
 
         check_num_classes(config.model.num_classes, task.train_set)
     return task
+
+
+def train_command(config: Config, resume: str = "auto", fast: bool = False) -> None:
+    """`usp pretrain | train-vae | finetune | probe | classify RECIPE`: train the recipe's task in its run folder.
+    resume: auto (the run folder's latest checkpoint), none (start fresh) or a state_*.pt path. `usp probe --fast`
+    reads out frozen features instead (NOT the paper's probe) and prints the accuracies."""
+    if fast:
+        from usp.train.tasks.classification import fast_probe
+
+        print(json.dumps(fast_probe(config), indent=1))
+        return
+    from usp.train.engine import setup_runtime, train
+
+    runtime = setup_runtime(config.run.device)  # the process group and logging first: building the task logs
+    train(config, build_task(config), runtime, resume=None if resume == "none" else resume)
+    print(f"run folder: {config.run_dir}")

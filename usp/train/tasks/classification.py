@@ -21,6 +21,7 @@ from usp.config import Config
 from usp.evaluate.probes import fast_protocol, knn_accuracy, logistic_regression
 from usp.latent.data import LatentData
 from usp.models.vit import VisionTransformer
+from usp.train.tasks.probe_features import HeadOnFeatures, feature_dataset, probe_on_features
 
 # --------------------------------------------------------------------------------------------
 # Linear probe (paper protocol)
@@ -207,8 +208,15 @@ class ClassifierTask:
         self.data = LatentData(config, config.data.split, augment=True, transform=transform)
         self.train_set = self.data.dataset
         self.model = build_classifier(config, self.data.latent_size, self.data.spec.channels)
+        self.vit = self.model  # the classifier itself (self.model wraps it when the probe reads features)
+        self.on_features = False
         if self.probe:
             prepare_linear_probe(self.model, config.model.num_classes)
+            self.on_features = probe_on_features(config, self.data)
+        if self.on_features:  # frozen features once per image and orientation; the head trains on them
+            orientations = 2 if self.data.flip else 1
+            self.train_set = feature_dataset(config, self.vit, self.data, config.data.split, orientations)
+            self.model = HeadOnFeatures(self.vit)
         self.mixup, self.criterion = build_mixup(mixup_alpha=cc.mixup, cutmix_alpha=cc.cutmix,
                                                  label_smoothing=cc.label_smoothing,
                                                  num_classes=config.model.num_classes)
@@ -221,6 +229,10 @@ class ClassifierTask:
 
     def extras(self) -> dict:
         return self.data.extras()  # the flip coin of a cached latent, posterior noise
+
+    def export_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The classifier's weights, with the same keys whether the probe read latents or features."""
+        return (model.vit if isinstance(model, HeadOnFeatures) else model).state_dict()
 
     def param_groups(self) -> list[dict]:
         from usp.train.optim import param_groups
@@ -241,6 +253,8 @@ class ClassifierTask:
         if self.data.cached:
             augmentation = "horizontal flip of the cached latent (p 0.5)" if self.data.flip else "none"
             augmentation += " (cached latents: no crop)"
+            if self.on_features:
+                augmentation += "; frozen features computed once per image and orientation"
         else:
             augmentation = (f"RandomResizedCrop(scale {list(dc.crop_scale)})" if dc.crop == "random_resized"
                             else f"{dc.crop} crop") + (" + horizontal flip" if dc.hflip else "")
@@ -256,7 +270,7 @@ class ClassifierTask:
         else:
             classifier = (f"full fine-tuning, {oc.name} weight decay {oc.weight_decay}, layer decay {oc.layer_decay}"
                           f", drop path {config.model.drop_path}, label smoothing {cc.label_smoothing}")
-        model = self.model.module if hasattr(self.model, "module") else self.model
+        model = self.vit
         lr = config.lr * self.lr_scale
         return {"name": "linear probe (paper protocol, Table 12)" if self.probe
                 else "full fine-tuning (paper protocol, Table 13)",
@@ -266,13 +280,20 @@ class ClassifierTask:
                 "schedule": f"{config.train.epochs:g} epochs (max_steps {config.train.max_steps}), batch "
                             f"{config.train.global_batch}, peak lr {config.lr:.4g} (blr {oc.blr} × batch/256)"
                             + (f", weights × {self.lr_scale:.4g} = {lr:.4g}" if self.lr_scale != 1.0 else "")
-                            + f", {oc.warmup_epochs:g} warm-up epochs, {oc.schedule}",
+                            + f", {oc.warmup_epochs:g} warm-up epochs, {oc.schedule}"
+                            + (f"; at least {config.min_steps} steps (a shorter schedule is stretched at the same "
+                               "summed lr)" if config.min_steps else ""),
                 "augmentation": augmentation,
                 "train_images": len(self.train_set)}
 
     def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        if self.probe:  # frozen encoder in eval mode; only the head's BatchNorm collects statistics
-            set_probe_train_mode(model.module if hasattr(model, "module") else model)
+        if self.probe and (self.vit.training or not self.vit.head.training):  # after the engine's model.train()
+            set_probe_train_mode(self.vit)  # frozen encoder in eval mode; only the head's BN collects statistics
+        if self.on_features:  # (N, 2, D) or (N, 1, D): the orientation of the flip coin, as the latents pick it
+            features = batch["features"]
+            pick = batch["flip"].long().clamp(max=features.shape[1] - 1).view(-1, 1, 1).expand(-1, 1,
+                                                                                               features.shape[2])
+            return {"loss": self.criterion(model(features.gather(1, pick).squeeze(1)), batch["label"])}
         x, labels = self.data.latents(batch), batch["label"]
         if self.mixup is not None:
             x, targets = self.mixup(x, labels)
@@ -280,6 +301,17 @@ class ClassifierTask:
             targets = labels
         logits = model(x)
         return {"loss": self.criterion(logits, targets)}
+
+    def _eval_batches(self, data, runtime, device):
+        """This rank's share of the evaluation split, in batches of train.eval_batch."""
+        indices = list(range(runtime.rank, len(data.dataset if not self.on_features else data), runtime.world_size))
+        if not self.on_features:
+            yield from data.eval_batches(indices, self.config.train.eval_batch, device)
+            return
+        for start in range(0, len(indices), self.config.train.eval_batch):
+            items = [data[i] for i in indices[start : start + self.config.train.eval_batch]]
+            yield {"features": torch.stack([torch.as_tensor(it["features"]) for it in items]).to(device),
+                   "label": torch.stack([torch.as_tensor(it["label"]) for it in items]).to(device)}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int, run_dir: Path, runtime, final: bool) -> dict:
@@ -291,12 +323,15 @@ class ClassifierTask:
 
         if self._eval_data is None:
             self._eval_data = LatentData(self.config, self.config.data.eval_split, augment=False)
+            if self.on_features:  # the eval split's plain features, once
+                self._eval_data = feature_dataset(self.config, model.vit, self._eval_data,
+                                                  self.config.data.eval_split, 1)
         data = self._eval_data
         device = next(model.parameters()).device
         model.eval()
         correct, total = torch.zeros(2, device=device), torch.zeros((), device=device)
-        for batch in data.eval_batches(list(range(runtime.rank, len(data.dataset), runtime.world_size)), 256, device):
-            logits = model(data.latents(batch))
+        for batch in self._eval_batches(data, runtime, device):
+            logits = model(batch["features"][:, 0]) if self.on_features else model(data.latents(batch))
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top5 == batch["label"].view(-1, 1)
             correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float()
@@ -318,7 +353,7 @@ class ClassifierTask:
 
 
 @torch.no_grad()
-def encode_split(model: VisionTransformer, data, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_split(model: VisionTransformer, data, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen pooled features (N, D) and labels of every item of a `LatentData` split (no augmentation)."""
     model.eval()
     features, labels = [], []
@@ -337,8 +372,8 @@ def fast_probe(config) -> dict:
     train_data = LatentData(config, config.data.split, augment=False)
     test_data = LatentData(config, config.data.eval_split, augment=False)
     model = build_classifier(config, train_data.latent_size, train_data.spec.channels)
-    train_x, train_y = encode_split(model, train_data)
-    test_x, test_y = encode_split(model, test_data)
+    train_x, train_y = encode_split(model, train_data, config.train.eval_batch)
+    test_x, test_y = encode_split(model, test_data, config.train.eval_batch)
     logistic = logistic_regression(train_x, train_y, test_x, test_y)
     knn = knn_accuracy(train_x, train_y, test_x, test_y)
     return {"logistic_top1": logistic["top1"], "logistic_top5": logistic["top5"], "knn_top1": knn["top1"],

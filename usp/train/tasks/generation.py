@@ -48,7 +48,7 @@ class GenerationTask:
     def _setup_repa(self, config: Config) -> None:
         """REPA: the frozen teacher, the projector on the generator (after the USP transfer, which it is no part
         of), and the teacher tokens: cached beside the latents, or computed from the training images."""
-        from usp.latent.features import RepaFeatureDataset, load_repa_teacher, recipe_features_dir
+        from usp.latent.features import RepaFeatureDataset, cached_with_images, load_repa_teacher, recipe_features_dir
         from usp.models.repa import attach_projectors
 
         rc = config.repa
@@ -68,12 +68,11 @@ class GenerationTask:
             folder = recipe_features_dir(config)
             self.train_set = RepaFeatureDataset(self.data.dataset, folder, config.data.split, self.teacher,
                                                 self.repa_grid)
-        elif self.data.cached:
-            raise ValueError("repa.features=online needs images at train time, but latent.cache is set: use "
-                             "repa.features=cache (tokens built beside the latents) or unset latent.cache")
         elif config.data.normalize != "half":
             raise ValueError("repa.features=online expects images in [-1, 1] (data.normalize=half); the teacher "
                              "applies its own normalisation")
+        elif self.data.cached:  # cached latents, teacher online: each latent comes with its image
+            self.train_set = cached_with_images(config, self.data.dataset, config.data.split)
 
     def export_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The sampling weights: the generator alone (REPA's projector is a training-time head)."""
@@ -89,7 +88,9 @@ class GenerationTask:
             tokens = batch["repa"]  # (N, 2, T, D): [plain, flipped] as the latent cache
             pick = batch["flip"].long().view(-1, 1, 1, 1).expand(-1, 1, *tokens.shape[2:])
             return tokens.gather(1, pick).squeeze(1)  # (N, T, D)
-        images = batch["image"]
+        images = batch["image"]  # (N, 3, H, W)
+        if self.data.cached:  # unflipped images beside cached latents: flip those whose latent is the flipped one
+            images = torch.where(batch["flip"].view(-1, 1, 1, 1), images.flip(-1), images)
         self.teacher.to(images.device)
         with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16,
                                              enabled=images.device.type == "cuda"):
@@ -131,7 +132,7 @@ class GenerationTask:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self._decoder is None:
             self._decoder = LatentSpace.load(self.config.latent.space, self.config.latent.path,
-                                             cache=self.config.latent.cache)
+                                             cache=self.config.latent.cache, max_batch=self.config.latent.vae_batch)
         self._decoder.to(latents.device)
         return self._decoder.decode(latents)
 
@@ -146,7 +147,8 @@ class GenerationTask:
         classes = min(gen.grid_classes, self.config.model.num_classes)
         # Grid: row = sample index within class, column = class; the same seeds at every step.
         indices = [r * classes + c for r in range(gen.grid_per_class) for c in range(classes)]
-        images, _ = sample_images(model, self.decode, gen, indices, seed, classes, True, self.latent_shape)
+        images, _ = sample_images(model, self.decode, gen, indices, seed, classes, True, self.latent_shape,
+                                  batch_size=self.config.train.eval_batch)
         save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", nrow=classes)
         if not (gen.eval_samples and gen.domain_classifier):
             return {}
@@ -159,5 +161,6 @@ class GenerationTask:
             with np.load(gen.domain_reference) as reference:
                 self._real_stats = self._domain.statistics(reference["arr_0"])
         fake, labels = sample_images(model, self.decode, gen, list(range(gen.eval_samples)), seed + 10**7,
-                                     self.config.model.num_classes, True, self.latent_shape, batch_size=250)
+                                     self.config.model.num_classes, True, self.latent_shape,
+                                     batch_size=self.config.train.eval_batch)
         return domain_metrics(self._domain, fake, labels, self._real_stats)
