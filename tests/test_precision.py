@@ -1,5 +1,6 @@
-"""`train.amp: auto` picks bf16 on a CPU with native bf16 and fp32 elsewhere; explicit choices are kept. The CPU's
-flags are patched, so both branches run on any machine."""
+"""`train.amp: auto` picks bf16 on a CPU with native bf16 and fp32 elsewhere; explicit choices are kept; USP_CPU_AMP
+pins what auto means on a CPU (the suite sets fp32 in conftest.py). The CPU's flags are patched, so both branches
+run on any machine."""
 
 import logging
 
@@ -9,6 +10,20 @@ import torch
 from usp.run import runtime as dist
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+
+
+def test_the_suite_runs_auto_in_fp32_on_any_cpu():
+    """conftest.py pins auto to fp32 (the environment reaches every CLI subprocess too), so the suite's fp32
+    tolerances hold on a native-bf16 CPU as on any other."""
+    assert dist.autocast_dtype("auto", CPU) is None
+    assert dist.describe_precision("auto", CPU).startswith("fp32 (train.amp=auto: USP_CPU_AMP=fp32 in the environment")
+
+
+@pytest.fixture(autouse=True)
+def unpinned(request, monkeypatch):
+    """Every other test here sees auto as a user without USP_CPU_AMP does."""
+    if request.function.__name__ != "test_the_suite_runs_auto_in_fp32_on_any_cpu":
+        monkeypatch.delenv(dist.CPU_AMP_ENV, raising=False)
 
 
 def fake_cpuinfo(monkeypatch, tmp_path, flags: str):
@@ -41,6 +56,21 @@ def test_explicit_choices_ignore_the_cpu(monkeypatch, native):
     assert dist.autocast_dtype("fp16", CPU) == torch.float16
     assert dist.autocast_dtype("auto", CUDA) == torch.bfloat16  # GPUs: bf16 whatever the CPU
     assert dist.describe_precision("fp32", CPU) == "fp32 (train.amp=fp32)"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_environment_pins_auto_on_cpu_only(monkeypatch, native):
+    monkeypatch.setattr(dist, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setenv(dist.CPU_AMP_ENV, "fp32")
+    assert dist.autocast_dtype("auto", CPU) is None
+    assert "USP_CPU_AMP=fp32" in dist.describe_precision("auto", CPU)
+    assert dist.autocast_dtype("bf16", CPU) == torch.bfloat16  # an explicit recipe choice wins over the pin
+    assert dist.autocast_dtype("auto", CUDA) == torch.bfloat16  # GPUs are not pinned
+    monkeypatch.setenv(dist.CPU_AMP_ENV, " BF16 ")
+    assert dist.autocast_dtype("auto", CPU) == torch.bfloat16
+    monkeypatch.setenv(dist.CPU_AMP_ENV, "fp16")
+    with pytest.raises(ValueError, match="USP_CPU_AMP='fp16': use fp32 or bf16"):
+        dist.autocast_dtype("auto", CPU)
 
 
 @pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float32)])
