@@ -10,7 +10,7 @@ Steps to reach, per family and seed, for each USP budget and for the init-only s
 - FD: the step where the run's domain FD first reaches scratch's FD at the last fine-tuning step, linearly
   interpolated between evaluations (usp.demo.verdict.crossing_step's reading); before the first evaluation the
   curve is unknown, so a run already there at the first evaluation reads "≤ first step".
-- loss: the same on the training loss smoothed over 4 logged intervals (32 steps), target scratch's smoothed loss at
+- loss: the same on the training loss smoothed over 4 logged intervals (40 steps), target scratch's smoothed loss at
   the last step (the paired runs see the same batches and noise, so the smoothed curves are comparable step by
   step).
 - band: the target moved by ± the paired noise band (|scratch − init-only control| at the last step, never below
@@ -24,12 +24,25 @@ import math
 import sys
 from pathlib import Path
 
-FT_STEPS = 128  # scripts/curve.py's fine-tuning budget; longer logs (the first scratch run went to 256) are cut here
-FT_IMAGES = FT_STEPS * 64
-KEPT = (80, 160, 320, 640)
+# The design the logs were made with: logs/design.json (scripts/curve.py writes it). Folders without one are the
+# first design (docs/curve/first: 128 fine-tuning steps at batch 64, loss logged every 8 steps).
+FIRST_DESIGN = {"ft_steps": 128, "ft_batch": 64, "kept": [80, 160, 320, 640], "pretrain_batch": 256,
+                "eval_every": 32, "eval_samples": 500, "ft_log": 8, "seeds": [0, 1], "families": ["sit", "dit"]}
+FT_STEPS, FT_IMAGES, FT_LOG = 128, 128 * 64, 8  # set from the design by use_design()
+KEPT: tuple[int, ...] = (80, 160, 320, 640)
 PRETRAIN_BATCH = 256
 SEEDS, FAMILIES = (0, 1), ("sit", "dit")
-SMOOTH = 4
+SMOOTH = 4  # logged intervals the loss is smoothed over
+
+
+def use_design(logs: Path) -> dict:
+    global FT_STEPS, FT_IMAGES, FT_LOG, KEPT, PRETRAIN_BATCH, SEEDS, FAMILIES
+    path = logs / "design.json"
+    design = json.loads(path.read_text()) if path.exists() else FIRST_DESIGN
+    FT_STEPS, FT_IMAGES, FT_LOG = design["ft_steps"], design["ft_steps"] * design["ft_batch"], design["ft_log"]
+    KEPT, PRETRAIN_BATCH = tuple(design["kept"]), design["pretrain_batch"]
+    SEEDS, FAMILIES = tuple(design["seeds"]), tuple(design["families"])
+    return design
 
 
 def read(run: Path) -> tuple[list[dict], list[dict]]:
@@ -154,6 +167,13 @@ def probes(logs: Path) -> list[dict]:
     return rows
 
 
+def pretrain_losses(logs: Path) -> list[dict]:
+    """The pretraining loss (norm-pix MSE on masked tokens, one logged step) at each kept checkpoint."""
+    train, _ = read(logs / "curve-pretrain")
+    by_step = {r["step"]: r["loss"] for r in train}
+    return [{"pretrain_steps": k, "pretrain_images": k * PRETRAIN_BATCH, "loss": by_step.get(k)} for k in KEPT]
+
+
 def stage_times(logs: Path) -> list[dict]:
     rows = []
     for path in sorted((logs / "stages").glob("*.json")):
@@ -197,13 +217,15 @@ def plot(result: dict, path: Path) -> None:
 
 def main(docs: Path) -> None:
     logs = docs / "logs"
+    design = use_design(logs)
     result = analyse(logs)
     probe_rows = probes(logs)
     raw = logs / "probe-raw-pixels.json"
     raw_pixels = json.loads(raw.read_text()) if raw.exists() else None
     times = stage_times(logs)
-    (docs / "results.json").write_text(json.dumps({"curve": result, "probe": probe_rows, "raw_pixels": raw_pixels,
-                                                   "stages": times}, indent=1))
+    losses = pretrain_losses(logs)
+    (docs / "results.json").write_text(json.dumps({"design": design, "curve": result, "probe": probe_rows, "raw_pixels": raw_pixels,
+                                                   "pretrain_loss": losses, "stages": times}, indent=1))
     plot(result, docs / "curve.png")
     lines = ["| family, seed | init | pretraining images (ratio to fine-tuning) | FD steps fraction [band] | "
              "loss steps fraction [band] | final FD ± SE | agreement | final loss |", "|" + "---|" * 8]
@@ -216,7 +238,7 @@ def main(docs: Path) -> None:
                 "n/r" if v is None else f"{v:.2f}" for v in r[m]) + "]"
             lines.append(f"| {key} | {r['init']} | {r['pretrain_images']:,} ({r['ratio']:.1f}:1) | "
                          f"{fraction_text(r['fd_steps'], r['first_eval'])}{band('fd_interval')} | "
-                         f"{fraction_text(r['loss_steps'], 8)}{band('loss_interval')} | {r['fd_final']:.1f} ± "
+                         f"{fraction_text(r['loss_steps'], FT_LOG)}{band('loss_interval')} | {r['fd_final']:.1f} ± "
                          f"{r['fd_se']:.1f} | {r['agreement']:.2f} | {r['loss_final']:.4f} |")
     (docs / "table.md").write_text("\n".join(lines) + "\n")
     probe_lines = ["| pretraining images | paper linear probe (LARS) top-1 | logistic regression top-1 | k-NN top-1 |",
@@ -228,11 +250,15 @@ def main(docs: Path) -> None:
     if raw_pixels:
         top1 = raw_pixels["logistic_top1"]
         probe_lines.append(f"| raw pixels | | {100 * top1 if top1 <= 1 else top1:.2f} % | |")
+    probe_lines += ["", "| pretraining steps (images) | pretraining loss at that step |", "|---|---|"]
+    for r in losses:
+        loss = "not reached" if r["loss"] is None else f"{r['loss']:.4f}"
+        probe_lines.append(f"| {r['pretrain_steps']} ({r['pretrain_images']:,}) | {loss} |")
     (docs / "probe.md").write_text("\n".join(probe_lines) + "\n")
     time_lines = ["| job | seconds | 1-min load at start, end | finished |", "|---|---|---|---|"]
     time_lines += [f"| {t['job']} | {t['seconds']} | {t['load'][0]}, {t['load'][1]} | {t['finished']} |"
                    for t in times]
-    time_lines.append(f"| total (sum of jobs; lanes ran side by side) | {sum(t['seconds'] for t in times):.0f} | | |")
+    time_lines.append(f"| total (sum of jobs) | {sum(t['seconds'] for t in times):.0f} | | |")
     (docs / "times.md").write_text("\n".join(time_lines) + "\n")
     print("\n".join(lines + [""] + probe_lines + [""] + time_lines))
 
