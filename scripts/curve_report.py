@@ -224,8 +224,9 @@ def main(docs: Path) -> None:
     raw_pixels = json.loads(raw.read_text()) if raw.exists() else None
     times = stage_times(logs)
     losses = pretrain_losses(logs)
-    (docs / "results.json").write_text(json.dumps({"design": design, "curve": result, "probe": probe_rows, "raw_pixels": raw_pixels,
-                                                   "pretrain_loss": losses, "stages": times}, indent=1))
+    summary = {"design": design, "curve": result, "probe": probe_rows, "raw_pixels": raw_pixels,
+               "pretrain_loss": losses, "stages": times}
+    (docs / "results.json").write_text(json.dumps(summary, indent=1))
     plot(result, docs / "curve.png")
     lines = ["| family, seed | init | pretraining images (ratio to fine-tuning) | FD steps fraction [band] | "
              "loss steps fraction [band] | final FD ± SE | agreement | final loss |", "|" + "---|" * 8]
