@@ -2,7 +2,7 @@
 pretraining (tiny ViT, batch 256) and of SiT-T/2 / DiT-T/2 fine-tuning (batch 128), built from the Fashion-MNIST
 recipes through the real task code, one fp32 step and one bf16 step in turn so a drifting machine load hits both.
 
-  python scripts/bench_amp_cpu.py --cache curve_out/latents --vae curve_out/vae [--pairs 15]
+  python scripts/bench_amp_cpu.py --cache curve_out/latents --vae curve_out/vae [--pairs 15] [--threads 1]
 
 Prints per step kind the median seconds of each precision and the median of the per-pair ratios bf16/fp32.
 """
@@ -48,7 +48,10 @@ def main():
     parser.add_argument("--cache", required=True)
     parser.add_argument("--vae", required=True)
     parser.add_argument("--pairs", type=int, default=15)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own, all cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"native bf16: {cpu_has_native_bf16()}, threads {torch.get_num_threads()}, load {os.getloadavg()}")
     for label, recipe, batch in (("pretrain vit_t_2 b256", "pretrain", 256), ("SiT-T/2 b128", "sit_scratch", 128),
                                  ("DiT-T/2 b128", "dit_scratch", 128)):

@@ -24,6 +24,7 @@ that fails is reported and skipped; the driver exits 1 and the next run retries 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -156,20 +157,33 @@ def write_reference(path: Path) -> None:
     write_sample_npz(path, np.repeat(np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1))
 
 
-def claim(lock: Path) -> bool:
-    """An exclusive lock file holding our pid; a lock whose process is gone is stale and taken over."""
+def claim(lock: Path) -> int | None:
+    """An exclusive flock on the job's lock file: the open descriptor while we hold it, None when another lane
+    does. The kernel releases it when the holder exits or is killed, so a stop never leaves a stale claim (a pid
+    in a file would: after a restart the pid may belong to another process)."""
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            os.kill(int(lock.read_text() or 0), 0)
-            return False
-        except (ProcessLookupError, ValueError):
-            lock.unlink(missing_ok=True)
-            return claim(lock)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def held(lock: Path) -> bool:
+    """Whether another lane holds this job's claim now."""
+    fd = claim(lock)
+    if fd is None:
+        return True
     os.close(fd)
-    return True
+    return False
+
+
+def release(lock: Path, fd: int) -> None:
+    lock.unlink(missing_ok=True)
+    os.close(fd)
 
 
 def run_job(out: Path, job: Job) -> bool:
@@ -239,15 +253,18 @@ def run(out: Path, only: str | None = None, setup_from: Path | None = None) -> N
             print("[curve] all jobs done" if not failed else f"[curve] done except {sorted(failed)}: re-run")
             raise SystemExit(1 if failed else 0)
         for job in pending:
-            if all(p.exists() for p in job.needs) and claim(lock := out / "stages" / f"{job.name}.lock"):
+            lock = out / "stages" / f"{job.name}.lock"
+            if all(p.exists() for p in job.needs) and (fd := claim(lock)) is not None:
                 try:
+                    if (out / "stages" / f"{job.name}.done").exists():  # another lane finished it meanwhile
+                        continue
                     if not run_job(out, job):
                         failed.add(job.name)
                 finally:
-                    lock.unlink(missing_ok=True)
+                    release(lock, fd)
                 break
         else:
-            if not any((out / "stages").glob("*.lock")):  # no other lane will produce what the rest needs
+            if not any(held(path) for path in (out / "stages").glob("*.lock")):  # no lane will make what's needed
                 print(f"[curve] blocked: {pending[0].name} needs {[str(p) for p in pending[0].needs]}; failed "
                       f"{sorted(failed)}: fix and re-run", flush=True)
                 raise SystemExit(1)
