@@ -203,16 +203,49 @@ def plot(result: dict, path: Path) -> None:
             if ctrl and ctrl[f"{metric}_steps"] is not None:
                 ax.axhline(frac(ctrl[f"{metric}_steps"]), lw=0.6, ls=":", color=ax.lines[-1].get_color())
         ax.axvline(20 * FT_IMAGES, color="grey", ls="--", lw=0.8)
-        ax.text(20 * FT_IMAGES, 0.02, " 20:1 (paper)", color="grey", fontsize=8)
+        ax.text(20 * FT_IMAGES, 0.02, " 20:1 (paper)", color="grey", fontsize=8, transform=ax.get_xaxis_transform())
         ax.axhline(1.0, color="black", lw=0.6)
         ax.axhline(0.5, color="green", lw=0.6, ls="--")
         ax.set_xscale("log")
+        ax.set_xlim(KEPT[0] * PRETRAIN_BATCH / 1.5, max(KEPT[-1] * PRETRAIN_BATCH, 20 * FT_IMAGES) * 1.5)
+        ax.set_ylim(0.0, 1.1)
         ax.set_xlabel("pretraining images")
         ax.set_title(f"steps to reach scratch's final {'domain FD' if metric == 'fd' else 'loss (smoothed)'}")
     axes[0].set_ylabel(f"fraction of scratch's {FT_STEPS} steps (1.05 = not reached)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_runs(logs: Path, path: Path) -> None:
+    """The curves steps-to-reach is read from: domain FD and smoothed loss against fine-tuning step, every arm of
+    the first seed (scratch black, init-only control grey, USP budgets from light to dark)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(FAMILIES), figsize=(5.5 * len(FAMILIES), 7.5), squeeze=False)
+    for col, family in enumerate(FAMILIES):
+        arms = [("scratch", "black"), ("ctrl", "grey")]
+        arms += [(f"usp{k}", plt.cm.viridis(0.85 - 0.8 * i / max(1, len(KEPT) - 1))) for i, k in enumerate(KEPT)]
+        for tag, color in arms:
+            train, evals = read(logs / f"curve-{family}-{tag}-s{SEEDS[0]}")
+            label = tag if not tag.startswith("usp") else f"USP {int(tag[3:]) * PRETRAIN_BATCH:,} images"
+            if evals:
+                axes[0][col].errorbar([e["step"] for e in evals], [e["domain_fd"] for e in evals],
+                                      yerr=[e["domain_fd_se"] for e in evals], color=color, marker=".", label=label)
+            if train:
+                s = smoothed(train)
+                axes[1][col].plot([r["step"] for r in s], [r["loss"] for r in s], color=color, label=label)
+        axes[0][col].set_title(f"{family.upper()}, seed {SEEDS[0]}: domain FD (EMA samples)")
+        axes[1][col].set_title(f"{family.upper()}, seed {SEEDS[0]}: training loss, smoothed over {SMOOTH} records")
+        axes[1][col].set_xlabel("fine-tuning step")
+        axes[0][col].set_yscale("log")
+        axes[1][col].set_yscale("log")
+        axes[0][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main(docs: Path) -> None:
@@ -228,6 +261,7 @@ def main(docs: Path) -> None:
                "pretrain_loss": losses, "stages": times}
     (docs / "results.json").write_text(json.dumps(summary, indent=1))
     plot(result, docs / "curve.png")
+    plot_runs(logs, docs / "runs.png")
     lines = ["| family, seed | init | pretraining images (ratio to fine-tuning) | FD steps fraction [band] | "
              "loss steps fraction [band] | final FD ± SE | agreement | final loss |", "|" + "---|" * 8]
     for key, family in result.items():
