@@ -8,6 +8,11 @@ import os
 # the working threads need on a shared CPU (a measured test: 98 s without, 11 s with, on a loaded machine).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# `train.amp: auto` is bf16 on a CPU with native bf16 and fp32 elsewhere; the suite compares numerics at fp32
+# tolerances, so it pins auto to fp32 for itself and every CLI subprocess it starts (they inherit the environment),
+# whatever machine it runs on. tests/test_precision.py unsets it to exercise both branches;
+# `USP_CPU_AMP=bf16 pytest ...` runs the suite the way auto runs on a native-bf16 CPU.
+os.environ.setdefault("USP_CPU_AMP", "fp32")
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -224,7 +224,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
     global_batch: int = 4096
     accum_steps: int = 1
-    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU and on CPUs with native bf16
     ema_decay: float | None = None
     compile: bool = False
     ckpt_every: int = 1000  # steps

@@ -30,7 +30,15 @@ from usp.data.sampler import DataStream, ResumableSampler, SeededDataset
 from usp.run import checkpoint as ckpt
 from usp.run.checkpoint import RunLock
 from usp.run.log import read_log
-from usp.run.runtime import Runtime, autocast_dtype, barrier, mean_over_ranks, setup_runtime, wrap_model
+from usp.run.runtime import (
+    Runtime,
+    autocast_dtype,
+    barrier,
+    describe_precision,
+    mean_over_ranks,
+    setup_runtime,
+    wrap_model,
+)
 from usp.train.flops import device_peak_flops, mfu, training_flops_per_sample
 from usp.train.log import RunLog
 from usp.train.memory import estimate_run
@@ -196,7 +204,8 @@ class Loop:
         log.info(f"{config.run.task}: {plan.total_steps} steps × {self.cfg.global_batch} images "
                  f"({plan.steps_per_epoch} steps/epoch, world {rt.world_size}, accum {self.cfg.accum_steps}), "
                  f"peak lr {config.lr:.3g}" + (f" (blr {oc.blr} × {self.cfg.global_batch}/256)" if oc.lr is None
-                                               else "") + f", device {rt.device}"
+                                               else "") + f", device {rt.device}, "
+                 + describe_precision(self.cfg.amp, rt.device)
                  + (f"; stretched to the floor of {plan.total_steps} steps (train.min_steps), lr × {plan.lr_factor:.3g}"
                     if plan.lr_factor != 1.0 else ""))
 
