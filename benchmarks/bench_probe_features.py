@@ -6,7 +6,7 @@ run would pay for; prints top-1 / top-5 and the wall time of each: set-up (for t
 and the training loop (steps, the end-of-run evaluation, the loss curve).
 
   python benchmarks/bench_probe_features.py DEMO_OUT [overrides...]
-    DEMO_OUT: a `usp demo --quick --out DEMO_OUT` folder (its VAE, latent cache and pretraining run)
+    DEMO_OUT: a `usp demo --quick --out DEMO_OUT` folder (its VAE and pretraining run; the cache is made here)
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 import json  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -57,7 +58,14 @@ def run(overrides: list[str], per_step: bool) -> dict:
 def main() -> None:
     demo = Path(sys.argv[1])
     weights = ckpt.latest_weights(demo / "runs" / "fmnist-pretrain" / "checkpoints")
-    overrides = [f"latent.path={demo / 'vae'}", f"latent.cache={demo / 'latents'}", f"model.init={weights}",
+    # Its own cache of the demo's training subset and as many test images (the demo's test cache holds fewer, and a
+    # cache is checked against the recipe's data.limit), encoded by the demo's VAE; made once.
+    images = json.loads((demo / "stages" / "cache.json").read_text())["train"]
+    cache, limit = demo / "bench_probe_latents", [f"data.limit={images}", f"latent.path={demo / 'vae'}"]
+    if not (cache / "test.latents").exists():
+        subprocess.run([sys.executable, "-m", "usp", "cache-latents", "fmnist/probe", "--out", str(cache),
+                        "--splits", "train", "test", *limit], check=True)
+    overrides = [*limit, f"latent.cache={cache}", f"model.init={weights}",
                  f"run.out_dir={demo / 'bench_probe'}", "train.progress=false", "train.tensorboard=false",
                  "run.device=cpu", *sys.argv[2:]]
     warm_imports(load_config("fmnist/probe", overrides))
