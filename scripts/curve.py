@@ -104,7 +104,7 @@ def jobs(out: Path) -> list[Job]:
         Job("domain", [sys.executable, "-c", "import sys; from usp.evaluate.domain import train_domain_classifier "
                        "as t; print('test accuracy', t(sys.argv[1], epochs=2, seed=0)[1])",
                        str(out / "domain.safetensors")], []),
-        Job("reference", None, [], fn=lambda: write_reference(out / "domain_reference.npz")),
+        Job("reference", None, [], fn=lambda: write_reference(out)),
         Job("pretrain", [*PY, "pretrain", "fmnist/pretrain", *c, *lat, "run.name=curve-pretrain", "run.seed=0",
                          f"train.max_steps={PRETRAIN_STEPS}", f"train.global_batch={PRETRAIN_BATCH}",
                          f"train.amp={PRETRAIN_AMP}", f"train.ckpt_every={KEPT[0]}", "train.keep_last=1000",
@@ -123,17 +123,9 @@ def jobs(out: Path) -> list[Job]:
     return todo + first + probes + [raw] + second
 
 
-RAW_PIXELS = """import json, sys, time, torch
-from usp.data.fashion_mnist import load_fashion_mnist
-from usp.evaluate.probes import logistic_regression
-limit = int(sys.argv[1])
-(train_x, train_y), (test_x, test_y) = load_fashion_mnist(None, 'train'), load_fashion_mnist(None, 'test')
-flat = lambda x: torch.tensor(x.reshape(len(x), -1), dtype=torch.float32)
-start = time.time()
-result = logistic_regression(flat(train_x[:limit]), torch.tensor(train_y[:limit]), flat(test_x), torch.tensor(test_y))
-json.dump({'logistic_top1': result['top1'], 'train_images': limit, 'seconds': time.time() - start},
-          open(sys.argv[2], 'w'))
-"""  # logistic regression on raw 28x28 pixels (as the demo's raw_pixel_probe): the floor a useful encoder must clear
+RAW_PIXELS = ("import json, sys; from usp.demo.pipeline import raw_pixel_probe; r = raw_pixel_probe(int(sys.argv[1])); "
+              "json.dump({'logistic_top1': r['logistic_top1'], 'train_images': int(sys.argv[1]), "
+              "'seconds': r['seconds']}, open(sys.argv[2], 'w'))")  # the demo's floor a useful encoder must clear
 
 
 def probe_job(out: Path, step: int, fast: bool) -> Job:
@@ -146,15 +138,10 @@ def probe_job(out: Path, step: int, fast: bool) -> Job:
     return Job(name, argv, [out / "stages" / "cache.done", *([weights(out, step)] if step else [])])
 
 
-def write_reference(path: Path) -> None:
-    """The real side of the domain FD: every Fashion-MNIST test image padded to 32 px, as the demo writes it."""
-    import numpy as np
+def write_reference(out: Path) -> None:
+    from usp.demo.pipeline import write_domain_reference  # the demo's: every test image padded to 32 px
 
-    from usp.data.fashion_mnist import load_fashion_mnist
-    from usp.evaluate.reference import write_sample_npz
-
-    images = load_fashion_mnist(None, "test")[0]
-    write_sample_npz(path, np.repeat(np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1))
+    write_domain_reference(out / "domain_reference.npz")
 
 
 def claim(lock: Path) -> int | None:

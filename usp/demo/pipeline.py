@@ -190,12 +190,7 @@ class Demo:
         """The real side of the domain FD: every Fashion-MNIST test image, as an ADM-format NPZ (written once)."""
         path = self.out / "domain_reference.npz"
         if not path.exists():
-            from usp.data.fashion_mnist import load_fashion_mnist
-            from usp.evaluate.reference import write_sample_npz
-
-            images = load_fashion_mnist(None, "test")[0]  # (N, 28, 28) uint8, padded to 32 px as the data path does
-            padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2)))
-            write_sample_npz(path, np.repeat(padded[..., None], 3, axis=-1))
+            write_domain_reference(path)
         return path
 
     reference_text = "the 10 000 Fashion-MNIST test images"  # the real side of the domain FD, in the report
@@ -271,18 +266,7 @@ class Demo:
         return results
 
     def raw_pixel_probe(self, limit: int | None) -> dict:
-        """Logistic regression on the raw pixels of the training images (the floor a useful encoder must clear)."""
-        from usp.data.fashion_mnist import load_fashion_mnist
-        from usp.evaluate.probes import fast_protocol, logistic_regression
-
-        train_x, train_y = load_fashion_mnist(None, "train")
-        test_x, test_y = load_fashion_mnist(None, "test")
-        start = time.perf_counter()
-        raw = logistic_regression(_pixels(train_x[:limit]), torch.tensor(train_y[:limit]), _pixels(test_x),
-                                  torch.tensor(test_y))
-        features = {"layer": "none", "pooling": "none", "norm": "raw 28×28 pixels, standardised"}
-        return {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start,
-                "protocol": fast_protocol(features, limit, None)}
+        return raw_pixel_probe(limit)
 
     def check_data(self) -> None:
         from usp.data.fashion_mnist import find_folder
@@ -313,6 +297,34 @@ class Demo:
             results[arm.key] = self.stage(arm.key, lambda arm=arm: self.generate(arm, weights))
         results["probe"] = self.stage("probe", lambda: self.probe(weights))
         return write_report(self.out, results, mode=self.mode, seed=self.seed, data=self.report_data())
+
+
+def write_domain_reference(path: Path) -> Path:
+    """The real side of the domain FD: every Fashion-MNIST test image, padded to 32 px as the data path does, as an
+    ADM-format NPZ."""
+    from usp.data.fashion_mnist import load_fashion_mnist
+    from usp.evaluate.reference import write_sample_npz
+
+    images = load_fashion_mnist(None, "test")[0]  # (N, 28, 28) uint8
+    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2)))
+    write_sample_npz(path, np.repeat(padded[..., None], 3, axis=-1))
+    return path
+
+
+def raw_pixel_probe(limit: int | None) -> dict:
+    """Logistic regression on the raw pixels of the first `limit` Fashion-MNIST training images (all when None),
+    scored on the test split: the floor a useful encoder must clear."""
+    from usp.data.fashion_mnist import load_fashion_mnist
+    from usp.evaluate.probes import fast_protocol, logistic_regression
+
+    train_x, train_y = load_fashion_mnist(None, "train")
+    test_x, test_y = load_fashion_mnist(None, "test")
+    start = time.perf_counter()
+    raw = logistic_regression(_pixels(train_x[:limit]), torch.tensor(train_y[:limit]), _pixels(test_x),
+                              torch.tensor(test_y))
+    features = {"layer": "none", "pooling": "none", "norm": "raw 28×28 pixels, standardised"}
+    return {"logistic_top1": raw["top1"], "seconds": time.perf_counter() - start,
+            "protocol": fast_protocol(features, limit, None)}
 
 
 def _pixels(images: np.ndarray) -> torch.Tensor:
