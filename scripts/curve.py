@@ -48,7 +48,7 @@ FT_LOG = 10  # training loss every 10 steps (the report smooths over 4 records)
 SEEDS, FAMILIES = (0, 1), ("sit", "dit")
 PROBE_TRAIN, PROBE_EPOCHS, PROBE_BATCH = 10_000, 5, 256  # the demo's probe budget
 # Precision per stage, explicit so the curve does not depend on the machine's `train.amp: auto` (bf16/fp32 step
-# ratios measured by scripts/bench_amp_cpu.py on this CPU: pretraining 0.73, SiT-T/2 1.10, DiT-T/2 1.11).
+# ratios measured by benchmarks/bench_amp_cpu.py on this CPU: pretraining 0.73, SiT-T/2 1.10, DiT-T/2 1.11).
 PRETRAIN_AMP, FT_AMP, PROBE_AMP = "bf16", "fp32", "fp32"
 SETUP = ("vae", "cache", "domain", "reference")
 DESIGN = {"ft_steps": FT_STEPS, "ft_batch": FT_BATCH, "kept": list(KEPT), "pretrain_batch": PRETRAIN_BATCH,

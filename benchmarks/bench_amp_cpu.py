@@ -2,7 +2,7 @@
 pretraining (tiny ViT, batch 256) and of SiT-T/2 / DiT-T/2 fine-tuning (batch 128), built from the Fashion-MNIST
 recipes through the real task code, one fp32 step and one bf16 step in turn so a drifting machine load hits both.
 
-  python scripts/bench_amp_cpu.py --cache curve_out/latents --vae curve_out/vae [--pairs 15] [--threads 1]
+  python benchmarks/bench_amp_cpu.py --cache curve_out/latents --vae curve_out/vae [--pairs 15] [--threads 1]
 
 Prints per step kind the median seconds of each precision and the median of the per-pair ratios bf16/fp32.
 """
