@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -27,7 +28,7 @@ def step_fn(recipe: str, batch_size: int, args):
     config = load_config(recipes_dir() / "fmnist" / f"{recipe}.yaml",
                          [f"latent.path={args.vae}", f"latent.cache={args.cache}", "data.num_workers=0",
                           "data.limit=20000",
-                          f"train.global_batch={batch_size}", "model.init=null", "run.out_dir=/tmp/bench_amp"])
+                          f"train.global_batch={batch_size}", "model.init=null", f"run.out_dir={tempfile.mkdtemp()}"])
     task = build_task(config)
     model = task.model
     data = SeededDataset(task.train_set, getattr(task, "extras", None))  # the engine's per-sample randomness
