@@ -24,6 +24,8 @@ import math
 import sys
 from pathlib import Path
 
+from usp.demo.verdict import crossing_step as crossing
+
 # The design the logs were made with: logs/design.json (scripts/curve.py writes it). Folders without one are the
 # first design (docs/curve/first: 128 fine-tuning steps at batch 64, loss logged every 8 steps).
 FIRST_DESIGN = {"ft_steps": 128, "ft_batch": 64, "kept": [80, 160, 320, 640], "pretrain_batch": 256,
@@ -66,22 +68,6 @@ def read(run: Path) -> tuple[list[dict], list[dict]]:
 def smoothed(train: list[dict]) -> list[dict]:
     return [{"step": r["step"], "loss": sum(x["loss"] for x in train[max(0, i - SMOOTH + 1): i + 1])
              / len(train[max(0, i - SMOOTH + 1): i + 1])} for i, r in enumerate(train)]
-
-
-def crossing(records: list[dict], target: float, key: str) -> float | None:
-    """First step at or below target, interpolated linearly from the record before; None = never."""
-    previous = None
-    for record in records:
-        value = record.get(key)
-        if value is None or not math.isfinite(value):
-            continue
-        if value <= target:
-            if previous is None or previous[key] == value:
-                return float(record["step"])
-            fraction = (previous[key] - target) / (previous[key] - value)
-            return previous["step"] + fraction * (record["step"] - previous["step"])
-        previous = record
-    return None
 
 
 def fraction_text(value: float | None, first: int) -> str:
