@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GPUS = 8  # the per-GPU batch of the prediction: train.global_batch / GPUS (DiT, SiT, MAE trained on 8-GPU nodes)
 GPU_BYTES = 80 * 2**30
+ESTIMATE = re.compile(r"estimated peak memory per device ([\d.]+) GiB")  # the line every training run logs first
 SD_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
           "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [128, 256, 512, 512],
           "layers_per_block": 2, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 256,
@@ -144,6 +146,7 @@ class Rehearsal:
         self.rows: list[dict] = []
         self.pretrain_runs: dict[tuple[str, str], Path] = {}  # (model, latent space) -> run folder
         self.first_finetune: str | None = None  # the fine-tune that `usp sample` reads (set by main)
+        self.sampled: str | None = None  # the fine-tune the sample / reference / evaluate rows belong to
 
     def config(self, recipe: str, overrides: list[str]):
         from usp.config import load_config
@@ -223,6 +226,9 @@ class Rehearsal:
         row = {"stage": name, "exit": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
                "peak_gib": round(usage.ru_maxrss * 1024 / 2**30, 2), "load": round(os.getloadavg()[0], 1),
                "batch": self.batch, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        estimates = ESTIMATE.findall(log.read_text())  # what the run printed at its start, at this batch
+        if estimates:
+            row["estimate_gib"] = float(estimates[-1])
         if predict is not None:
             row.update(self.predict(*predict))
         if name in ("sample", "reference", "evaluate"):
@@ -324,16 +330,16 @@ def table(out: Path) -> str:
     rows = json.loads((out / "rehearsal.json").read_text())
     order = {name: i for i, name in enumerate(shipped_recipes())}
     rows = sorted(rows, key=lambda r: (r["stage"] not in order, order.get(r["stage"], 0), r["stage"]))
-    lines = ["| stage | batch | exit | seconds | peak RSS GiB | predicted peak per GPU (bf16, 8 GPUs) | load "
-             "| finished |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| stage | batch | exit | seconds | peak RSS GiB | estimate at that batch GiB "
+             "| predicted peak per GPU (bf16, 8 GPUs) | load | finished |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         pred = "" if r.get("per_gpu_batch") is None else (
             f"{r['predicted_gib']} GiB at {r['per_gpu_batch']}/GPU" if r.get("predicted_gib") is not None
             else "(no estimate)")
         stage = r["stage"] + (f" (of {r['of']})" if r.get("of") else "")
-        lines.append(f"| {stage} | {r.get('batch', '')} | {r['exit']} | {r['seconds']} | {r['peak_gib']} | {pred} "
-                     f"| {r.get('load', '')} | {r.get('finished', '')} |")
+        lines.append(f"| {stage} | {r.get('batch', '')} | {r['exit']} | {r['seconds']} | {r['peak_gib']} "
+                     f"| {r.get('estimate_gib', '')} | {pred} | {r.get('load', '')} | {r.get('finished', '')} |")
     passed = {r["stage"] for r in rows if r["exit"] == 0}
     missing = [name for name in order if name not in passed]
     lines.append("")

@@ -29,6 +29,10 @@ def test_rehearsal_runs_every_stage_at_reduced_size(tmp_path):
     predicted = {row["stage"]: row["per_gpu_batch"] for row in rows if "per_gpu_batch" in row}
     assert predicted == {"pretrain/vit_b_2_sdvae_224": 4096 // 8, "finetune/sit_b_2_usp_repa_256": 256 // 8,
                          "probe/vit_b_2_sdvae_224": 16384 // 8}
+    # Each training stage records the estimate its run printed at the rehearsal's batch; the sampled fine-tune is named.
+    assert all(isinstance(row.get("estimate_gib"), float) for row in rows if row["stage"] in predicted)
+    assert {row.get("of") for row in rows[-3:]} == {"finetune/sit_b_2_usp_repa_256"}
+    assert "\n3 of 42 shipped recipes exit 0; not yet: pretrain/vit_b_1_kl16_256, " in rehearse.table(tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())  # the evaluation wrote its metrics
     # The fine-tune started from the rehearsal's own pretraining run (model.init), not from scratch.
     log = (tmp_path / "logs" / "finetune-sit_b_2_usp_repa_256.log").read_text()
